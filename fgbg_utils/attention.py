@@ -1,0 +1,173 @@
+"""Cross-attention capture (METHOD §2.1, §6): a diffusers attention processor on the `attn2`
+(cross-attention) layers only, keeping the head-mean softmax probabilities of the object token
+columns; self-attention keeps its stock SDPA processor. All noise levels of an image go through one
+batched UNet call (chunked to `batch_rows`)."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class AttentionStore:
+    """Collects, for one UNet call, per-layer maps of the selected token columns on the latent grid."""
+
+    def __init__(self, token_positions: list[int], latent_size: int):
+        self.tokens = torch.as_tensor(token_positions, dtype=torch.long)
+        self.latent_size = latent_size
+        self.layers: list[str] = []
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.maps = {}
+
+    def add(self, layer: int, probs: torch.Tensor) -> None:
+        """probs: (rows, pixels, n_tokens), already head-averaged."""
+        rows, n, k = probs.shape
+        r = math.isqrt(n)
+        if r * r != n or self.latent_size % r:
+            raise RuntimeError(f"layer {self.layers[layer]} has {n} query positions; a square map "
+                               f"dividing the {self.latent_size}-grid is expected (padded canvas).")
+        m = probs.permute(0, 2, 1).reshape(rows, k, r, r)
+        f = self.latent_size // r
+        self.maps[layer] = m.repeat_interleave(f, -2).repeat_interleave(f, -1)
+
+    def stacked(self) -> torch.Tensor:
+        """(rows, n_layers, n_tokens, L, L) for the last call."""
+        missing = [self.layers[i] for i in range(len(self.layers)) if i not in self.maps]
+        if missing:
+            raise RuntimeError(f"no attention captured from {missing}")
+        return torch.stack([self.maps[i] for i in range(len(self.layers))], 1)
+
+
+class CrossAttentionCapture:
+    """Computes the layer output exactly as diffusers' AttnProcessor2_0 (SDPA) and, on the side, the
+    softmax probabilities of the selected key columns in fp32, averaged over heads."""
+
+    def __init__(self, store: AttentionStore, layer: int):
+        self.store, self.layer = store, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection:
+            raise NotImplementedError("capture supports SD-style attn2 layers (no spatial/group norm, "
+                                      "no residual connection inside the attention)")
+        if encoder_hidden_states is None:
+            raise RuntimeError("capture processor installed on a self-attention layer")
+        if hidden_states.ndim == 4:
+            raise NotImplementedError("4-D hidden states are not used by SD transformer blocks")
+        batch, _, _ = hidden_states.shape
+        ctx = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, ctx.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        query, key, value = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                             dropout_p=0.0, is_causal=False)
+        self._capture(query, key, attention_mask, head_dim)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+    def _capture(self, query, key, attention_mask, head_dim):
+        logits = query.float() @ key.float().transpose(-1, -2) / math.sqrt(head_dim)
+        if attention_mask is not None:
+            logits = logits + attention_mask.float()
+        lse = logits.logsumexp(-1, keepdim=True)
+        tokens = self.store.tokens.to(logits.device)
+        probs = (logits.index_select(-1, tokens) - lse).exp().mean(1)  # head mean
+        self.store.add(self.layer, probs)
+
+
+@contextlib.contextmanager
+def capture_cross_attention(unet, store: AttentionStore):
+    """Install capture processors on every `attn2` layer; restore the originals afterwards."""
+    original = dict(unet.attn_processors)
+    cross = [name for name in original if name.endswith("attn2.processor")]
+    if not cross:
+        raise RuntimeError("this UNet has no cross-attention (attn2) layers to capture")
+    store.layers = [name.removesuffix(".processor") for name in cross]
+    procs = {name: (CrossAttentionCapture(store, cross.index(name)) if name in cross else proc)
+             for name, proc in original.items()}
+    unet.set_attn_processor(procs)  # set_attn_processor pops from the dict it gets
+    n = sum(isinstance(p, CrossAttentionCapture) for p in unet.attn_processors.values())
+    assert n == len(cross), f"{n} capture processors installed, {len(cross)} expected"
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(dict(original))
+
+
+def image_noise(generator: torch.Generator, n_levels: int, latent_shape) -> torch.Tensor:
+    """Fresh noise per noise level, drawn in one fixed-size block so T0 does not change it."""
+    return torch.randn((n_levels, *latent_shape), generator=generator)
+
+
+@torch.no_grad()
+def attention_maps(unet, scheduler, z0: torch.Tensor, text_emb: torch.Tensor,
+                   token_positions: list[int], timesteps, noise: torch.Tensor,
+                   batch_rows: int = 160, progress: bool = False) -> torch.Tensor:
+    """Per-(image, noise level, layer, token) maps on the latent grid.
+
+    z0: (B, C, L, L) clean latents; text_emb: (1, S, D); timesteps: (T,) ints; noise: (B, T, C, L, L).
+    Every (image, t) pair is one row: z_t = add_noise(z0, eps, t) from the clean latent (no
+    trajectory), and rows go through the UNet in chunks of `batch_rows`, without CFG.
+    Returns (B, T, n_layers, n_tokens, L, L) float32 on the CPU.
+    """
+    B, T = z0.shape[0], len(timesteps)
+    L = z0.shape[-1]
+    ts = torch.as_tensor(np.asarray(timesteps), dtype=torch.long)
+    rows = [(b, k) for b in range(B) for k in range(T)]
+    store = AttentionStore(token_positions, L)
+    out = None
+    dev, dtype = unet.device, unet.dtype
+    with capture_cross_attention(unet, store):
+        chunks = range(0, len(rows), max(1, batch_rows))
+        for start in tqdm(chunks, desc="UNet calls", disable=not progress, leave=False):
+            bi = torch.tensor([b for b, _ in rows[start:start + batch_rows]])
+            ki = torch.tensor([k for _, k in rows[start:start + batch_rows]])
+            t = ts[ki]
+            zt = scheduler.add_noise(z0[bi].float().cpu(), noise[bi, ki].float(), t)
+            store.reset()
+            emb = text_emb.to(dev, dtype).expand(len(bi), -1, -1)
+            unet(zt.to(dev, dtype), t.to(dev), encoder_hidden_states=emb)
+            maps = store.stacked().float().cpu()
+            if out is None:
+                out = torch.zeros((B, T, *maps.shape[1:]))
+            out[bi, ki] = maps
+    return out
+
+
+def reduce_maps(full: torch.Tensor, T0: int) -> dict[str, torch.Tensor]:
+    """M̂ (raw) = mean over the T0 lowest levels and all layers, summed over tokens; plus the
+    per-timestep, per-layer and per-token views for exploration and the T0 sweep."""
+    low = full[:, :T0]
+    return {
+        "mhat_raw": low.mean((1, 2)).sum(1),               # (B, L, L)
+        "per_timestep": full.mean(2).sum(2),                # (B, T, L, L)
+        "per_layer": low.mean(1).sum(2),                   # (B, n_layers, L, L)
+        "per_token": low.mean((1, 2)),                      # (B, n_tokens, L, L)
+    }
+
+
+def minmax(m: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per-image min-max to [0, 1] over the valid region (padding set to 0)."""
+    v = m[valid] if valid is not None else m.ravel()
+    lo, hi = float(v.min()), float(v.max())
+    out = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+    out = np.clip(out, 0, 1).astype(np.float32)
+    if valid is not None:
+        out[~valid] = 0
+    return out

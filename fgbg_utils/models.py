@@ -1,0 +1,118 @@
+"""Loading the pretrained text-to-image model: one code path (`from_pretrained`) for a hub id
+and a local folder, the toy model and real Stable Diffusion alike."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class ModelError(ValueError):
+    """The model folder or id cannot be used; the message names `model.path` and the fix."""
+
+
+@dataclass
+class LDM:
+    vae: object
+    unet: object
+    text_encoder: object
+    tokenizer: object
+    scheduler: object
+    path: str
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @property
+    def resolution(self) -> int:
+        """Native resolution R of the canonical frame."""
+        return self.latent_size * self.vae_factor
+
+    @property
+    def device(self):
+        return self.unet.device
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("`device` is cuda but no GPU is visible; set device: auto or cpu.")
+    return torch.device(name)
+
+
+def load_ldm(path: str, revision: str | None = None, device: str = "auto",
+             dtype: str = "float32") -> LDM:
+    """Load VAE, UNet, text encoder, tokenizer and a DDIM scheduler with `from_pretrained`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    kw = {"revision": revision} if revision else {}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"`model.path`={path!r} could not be loaded as a diffusers text-to-image "
+                         f"model ({type(e).__name__}: {str(e).splitlines()[0]}). Point it at a local "
+                         f"folder saved with save_pretrained (unet/, vae/, text_encoder/, tokenizer/, "
+                         f"scheduler/) or a reachable hub id.") from None
+    if unet.config.in_channels != 4:
+        raise ModelError(f"`model.path`={path!r} has a {unet.config.in_channels}-channel UNet; this "
+                         f"method needs the standard 4-channel text-to-image UNet, not an inpainting one.")
+    dev = pick_device(device)
+    torch_dtype = getattr(torch, dtype)
+    unet.to(dev, torch_dtype).eval().requires_grad_(False)
+    vae.to(dev).eval().requires_grad_(False)
+    text_encoder.to(dev).eval().requires_grad_(False)
+    return LDM(vae, unet, text_encoder, tokenizer, scheduler, str(path))
+
+
+def noise_grid(scheduler, grid_steps: int = 50) -> np.ndarray:
+    """The DDIM timestep grid, descending (981, 961, ..., 1 for SD v1 at 50 steps); asserted."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler.config)
+    sched.set_timesteps(grid_steps)
+    grid = sched.timesteps.cpu().numpy()
+    n_train = sched.config.num_train_timesteps
+    expected = (np.arange(grid_steps) * (n_train // grid_steps) + sched.config.steps_offset)[::-1]
+    if sched.config.timestep_spacing != "leading" or not np.array_equal(grid, expected):
+        raise ModelError(f"the scheduler's DDIM grid is {grid[:3].tolist()}... but the method expects "
+                         f"'leading' spacing with steps_offset=1 ({expected[:3].tolist()}...). Set "
+                         f"timestep_spacing='leading' and steps_offset=1 in scheduler_config.json.")
+    return grid
+
+
+def lowest_timesteps(scheduler, T0: int, grid_steps: int = 50) -> np.ndarray:
+    """The T0 lowest entries of the grid, ascending (1, 21, 41, ... for SD v1)."""
+    grid = noise_grid(scheduler, grid_steps)
+    if not 1 <= T0 <= len(grid):
+        raise ModelError(f"`T0`={T0} must be between 1 and {len(grid)}.")
+    return np.sort(grid)[:T0]
+
+
+@torch.no_grad()
+def encode_prompt(ldm: LDM, prompt: str) -> torch.Tensor:
+    tok = ldm.tokenizer
+    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(ldm.text_encoder.device)
+    return ldm.text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def encode_images(ldm: LDM, canvases: torch.Tensor, mode: str = "mode",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """z0 = scaling_factor * E(x); posterior mean (`mode`) or a seeded sample."""
+    x = canvases.to(ldm.vae.device, ldm.vae.dtype)
+    dist = ldm.vae.encode(x).latent_dist
+    z = dist.mode() if mode == "mode" else dist.sample(generator)
+    return z * ldm.vae.config.scaling_factor
