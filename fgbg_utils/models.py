@@ -2,6 +2,7 @@
 and a local folder, the toy model and real Stable Diffusion alike."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,11 +70,26 @@ def load_ldm(path: str, revision: str | None = None, device: str = "auto",
         raise ModelError(f"`model.path`={path!r} has a {unet.config.in_channels}-channel UNet; this "
                          f"method needs the standard 4-channel text-to-image UNet, not an inpainting one.")
     dev = pick_device(device)
+    if dev.type == "cpu" and dtype == "float16":
+        warnings.warn("`dtype` float16 on the CPU is slow or unsupported; using float32.")
+        dtype = "float32"
     torch_dtype = getattr(torch, dtype)
     unet.to(dev, torch_dtype).eval().requires_grad_(False)
     vae.to(dev).eval().requires_grad_(False)
     text_encoder.to(dev).eval().requires_grad_(False)
     return LDM(vae, unet, text_encoder, tokenizer, scheduler, str(path))
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+    kw = {"revision": revision} if revision else {}
+    return AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+
+
+def load_scheduler(path: str, revision: str | None = None):
+    from diffusers import DDIMScheduler
+    kw = {"revision": revision} if revision else {}
+    return DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
 
 
 def noise_grid(scheduler, grid_steps: int = 50) -> np.ndarray:

@@ -1,0 +1,51 @@
+"""Command line: `python -m fgbg_utils run|train-toy|metrics ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fgbg_utils", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute the stage notebooks headless into a run folder")
+    r.add_argument("params", help="parameter file, e.g. params/toy.yaml")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter (dotted keys reach nested ones); repeatable")
+    r.add_argument("--stages", help="comma-separated stage numbers, e.g. 01,02 (default: all)")
+    r.add_argument("--out", help="run folder (default: run_dir of the params file)")
+    r.add_argument("--force", action="store_true", help="recompute finished outputs")
+    m = sub.add_parser("metrics", help="print the metrics table of a run folder")
+    m.add_argument("run_dir")
+    t = sub.add_parser("train-toy", help="train the toy LDM (what notebook 00 runs)")
+    t.add_argument("--out", default="models/toy-ldm")
+    t.add_argument("--n-images", type=int, default=20000)
+    t.add_argument("--seed", type=int, default=1000)
+    t.add_argument("--vae-minutes", type=float, default=10)
+    t.add_argument("--unet-minutes", type=float, default=65)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--snapshots", default=None, help="folder for periodic EMA snapshots")
+    args = ap.parse_args(argv)
+
+    from .datasets import DatasetError
+    from .models import ModelError
+    from .params import ParamsError
+    from .run_folder import StageError
+    from .tokens import TokenError
+    try:
+        if args.cmd == "run":
+            from .runner import metrics_table, run
+            run_dir = run(args.params, args.sets, args.stages, args.out, args.force)
+            print(f"\nRun folder: {run_dir}\n")
+            print(metrics_table(run_dir))
+        elif args.cmd == "metrics":
+            from .runner import metrics_table
+            print(metrics_table(args.run_dir))
+        elif args.cmd == "train-toy":
+            from .toy_training import train_toy_model
+            train_toy_model(args.out, args.n_images, args.seed, args.vae_minutes, args.unet_minutes,
+                            threads=args.threads, snapshot_dir=args.snapshots)
+    except (ParamsError, DatasetError, ModelError, StageError, TokenError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,63 @@
+"""Collect per-image views from a run folder for figures and the explorer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .data import load_dataset
+from .datasets import load_image, load_mask
+from .frame import canvas_to_original
+from .io import read_json
+from .stage_attention import STAGE as STAGE01, load_map
+
+
+def summary01(cfg: dict) -> dict:
+    return read_json(Path(cfg["run_dir"]) / STAGE01 / "summary.json")
+
+
+def records_by_id(cfg: dict) -> dict:
+    records, _ = load_dataset(cfg)
+    return {r.id: r for r in records}
+
+
+def pick_ids(cfg: dict, n: int, split: str | None = None) -> list[str]:
+    """The first n images of a split (deterministic)."""
+    s = summary01(cfg)
+    ids = [i for i in s["images"] if split is None or s["splits"][i] == split]
+    return ids[:n]
+
+
+def attention_row(cfg: dict, image_id: str, records=None) -> dict:
+    """Image, ground truth and M̂ (mapped back to the original image) for one image."""
+    rec = (records or records_by_id(cfg))[image_id]
+    m = load_map(cfg, image_id)
+    row = {"label": image_id, "image": load_image(rec.image),
+           "M̂": canvas_to_original(m["mhat"], m["frame"], "soft")}
+    if rec.mask is not None:
+        row["ground truth"] = load_mask(rec.mask)
+    return row
+
+
+def binarization_row(cfg: dict, image_id: str, records=None) -> dict:
+    from .stage_binarization import load_mpre
+
+    row = attention_row(cfg, image_id, records)
+    m = load_map(cfg, image_id)
+    row["M_pre"] = canvas_to_original(load_mpre(cfg, image_id), m["frame"], "mask")
+    return row
+
+
+def per_image_iou(cfg: dict, ids: list[str], records=None) -> dict[str, float]:
+    """fg IoU of M_pre per image (images with ground truth only)."""
+    from .metrics import SegmentationMeter
+
+    records = records or records_by_id(cfg)
+    out = {}
+    for i in ids:
+        row = binarization_row(cfg, i, records)
+        if "ground truth" in row:
+            meter = SegmentationMeter()
+            meter.update(row["M_pre"], row["ground truth"])
+            out[i] = meter.result()["iou_per_image"]
+    return out

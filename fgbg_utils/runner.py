@@ -1,0 +1,127 @@
+"""Headless runs: execute the numbered notebooks in order with papermill into one run folder, and
+record parameters, seeds, package versions and the git commit in DIR/manifest.json."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from .io import atomic_write_json, read_json
+from .params import PROJECT_ROOT, ParamsError, load_params, save_params
+from .run_folder import STAGES
+
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "scikit-learn", "numpy",
+            "papermill", "safetensors", "tokenizers")
+
+
+def parse_stages(text: str | None) -> list[str]:
+    available = [k for k, v in STAGES.items() if (NOTEBOOKS / f"{v}.ipynb").exists() and k != "00"]
+    if not text:
+        return available
+    wanted = [s.strip().zfill(2) for s in text.split(",") if s.strip()]
+    bad = [s for s in wanted if s not in STAGES or not (NOTEBOOKS / f"{STAGES[s]}.ipynb").exists()]
+    if bad:
+        raise ParamsError(f"--stages: unknown stage(s) {bad}; available: {', '.join(['00', *available])}")
+    return sorted(wanted)
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def git_state() -> dict:
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run(params_file: str, sets=(), stages: str | None = None, out: str | None = None,
+        force: bool = False, log=print) -> Path:
+    """Validate the parameters (before any work), then execute the stages' notebooks in order."""
+    import papermill as pm
+
+    cfg = load_params(params_file, sets, run_dir=out)
+    order = parse_stages(stages)
+    if any(s != "00" for s in order):
+        from .data import load_dataset
+        load_dataset(cfg)  # fail early on a missing/empty dataset; generates the toy world
+    run_dir = Path(cfg["run_dir"])
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "params.yaml"
+    save_params(cfg, resolved)
+    manifest_path = run_dir / "manifest.json"
+    manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
+    manifest.update({
+        "params_file": str(params_file), "overrides": list(sets), "params": cfg,
+        "seeds": {"seed": cfg["seed"], "dataset.seed": cfg["dataset"]["seed"],
+                  "binarization.gmm_seed": cfg["binarization"]["gmm_seed"]},
+        "versions": package_versions(), "git": git_state(), "force": force, "started": _now()})
+    atomic_write_json(manifest_path, manifest)
+    for key in order:
+        name = STAGES[key]
+        log(f"[fgbg] stage {name} ...")
+        t0 = time.time()
+        manifest["stages"][name] = {"status": "running", "started": _now()}
+        atomic_write_json(manifest_path, manifest)
+        try:
+            pm.execute_notebook(
+                str(NOTEBOOKS / f"{name}.ipynb"), str(run_dir / "notebooks" / f"{name}.ipynb"),
+                parameters={"params_file": str(resolved), "run_dir": str(run_dir), "force": force,
+                            "overrides": {}, "interactive": False},
+                cwd=str(NOTEBOOKS), progress_bar=False, request_save_on_cell_execute=True)
+        except Exception:
+            manifest["stages"][name].update(status="failed", seconds=round(time.time() - t0, 1))
+            atomic_write_json(manifest_path, manifest)
+            log(f"[fgbg] stage {name} failed; see {run_dir / 'notebooks' / (name + '.ipynb')}")
+            raise
+        manifest["stages"][name].update(status="done", seconds=round(time.time() - t0, 1))
+        manifest["finished"] = _now()
+        atomic_write_json(manifest_path, manifest)
+        log(f"[fgbg] stage {name} done in {time.time() - t0:.0f} s")
+    return run_dir
+
+
+METRIC_COLUMNS = ("auc_roc", "acc", "iou", "miou", "iou_per_image", "dice_per_image")
+
+
+def metrics_rows(run_dir: str | Path) -> list[tuple[str, dict]]:
+    """(row name, metrics) for every metrics file of the run, in stage order."""
+    rows = []
+    mdir = Path(run_dir) / "metrics"
+    s02 = mdir / "02_binarization.json"
+    if s02.exists():
+        m = json.loads(s02.read_text())
+        if "iou" in m:
+            rows.append(("M_pre (stage 02)", m))
+            for name, b in m.get("baselines", {}).items():
+                rows.append((f"baseline: {name}", b))
+    return rows
+
+
+def metrics_table(run_dir: str | Path) -> str:
+    rows = metrics_rows(run_dir)
+    if not rows:
+        return "(no metrics with ground truth in this run)"
+    head = "| " + " | ".join(["row", *METRIC_COLUMNS]) + " |"
+    lines = [head, "|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+    for name, m in rows:
+        cells = [f"{m[c]:.3f}" if isinstance(m.get(c), (int, float)) else "–" for c in METRIC_COLUMNS]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Writes notebooks/0N_*.ipynb from the cell sources below (reviewable in a diff, like jupytext).
+Run `python tools/build_notebooks.py`, then execute them to refresh stored outputs
+(`make notebooks`). Logic lives in fgbg_utils; cells only orchestrate and plot."""
+from pathlib import Path
+
+import nbformat as nbf
+
+HERE = Path(__file__).resolve().parents[1] / "notebooks"
+
+PARAMS_DOC = """# Parameters (papermill injects the CLI's values after this cell). The defaults are a cheap
+# toy run for exploring; `python -m fgbg_utils run params/toy.yaml` runs the full default."""
+
+
+def md(text):
+    return nbf.v4.new_markdown_cell(text.strip())
+
+
+def code(text, tags=()):
+    c = nbf.v4.new_code_cell(text.strip())
+    if tags:
+        c.metadata["tags"] = list(tags)
+    return c
+
+
+def params_cell(extra=""):
+    return code(f'''{PARAMS_DOC}
+params_file = "../params/toy.yaml"  # the YAML that drives this notebook
+run_dir = "../runs/notebook"        # run folder (the CLI passes its --out)
+overrides = {{"dataset.n_train": 16, "dataset.n_test": 16}}  # dotted keys; the CLI passes {{}}
+force = False                       # recompute finished outputs
+interactive = True                  # widgets when a browser is attached
+{extra}''', tags=["parameters"])
+
+
+SETUP = '''%matplotlib inline
+import json
+import matplotlib.pyplot as plt
+plt.rcParams["figure.dpi"] = 72  # small stored figures
+import fgbg_utils
+from fgbg_utils import gallery, plots
+cfg = fgbg_utils.load_params(params_file, overrides, run_dir=run_dir)'''
+
+NB01 = [
+    md(r"""
+# 01 · Attention maps: where does the model look when it reads the object word?
+
+A text-to-image latent diffusion model (LDM) denoises a latent $z_t$ while reading a prompt such as
+*"a photo of a bird"*. Every cross-attention layer $l$ lets each latent pixel attend to the prompt's
+tokens:
+
+$$\psi_{z_t,l} = \operatorname{softmax}\!\Big(\frac{Q_l K_l^\top}{\sqrt d}\Big),\qquad
+Q_l = W_Q\,\varphi(z_{t,l}),\quad K_l = W_K\,\tau_\theta(y).$$
+
+The column of $\psi$ that belongs to the object word says, for each pixel, how much the model
+"looks at" the word there. Dombrowski et al. (ICCV 2023) average it over the $T_0$ lowest noise
+levels and all cross-attention layers (their Eq. 3–4):
+
+$$\hat M = \frac{1}{T_0\,|L|}\sum_{t=1}^{T_0}\sum_{l} \psi_{z_{t},l}[\,\cdot\,, \text{object}].$$
+
+How this notebook computes it (METHOD §2.1):
+1. Put the image in the **canonical frame** (long edge to the model's resolution $R$, pad with black)
+   and encode it: $z_0 = s\cdot\mathcal E(x)$.
+2. For each of the $T_0$ lowest steps of the 50-step DDIM grid, noise the *clean* latent afresh,
+   $z_t = \sqrt{\bar\alpha_t}\,z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon_t$ — the levels are independent,
+   so **all of them go through the UNet in one batched call**.
+3. A diffusers attention processor installed on the `attn2` (cross-attention) layers only keeps the
+   head-averaged softmax probabilities of the object token's column(s); self-attention keeps the fast
+   SDPA processor. Each layer's map is repeated up to the latent grid (nearest).
+4. $\hat M$ is the plain mean over layers and levels, min-max normalised per image.
+
+**The toy world.** By default this runs offline on the project's toy world: shapes on textured
+backgrounds, and a small LDM trained by notebook 00 whose concept word is *shape*. It departs from
+Stable Diffusion on purpose, and says so: a 0-layer CLIP text encoder, cross-attention only in the
+encoder half of the UNet, a 4× VAE and 64-px images (16×16 latents). With `params/cub.yaml` the same
+code runs Stable Diffusion v1.4 on CUB.
+"""),
+    params_cell(),
+    code(SETUP),
+    md("""
+## The object token
+
+Token positions come from the model's own tokenizer (position 0 is the start token). A word that
+splits into several tokens keeps all of them; extra words in `parts` are summed with the object's map.
+"""),
+    code('''# NBVAL_CHECK_OUTPUT
+from fgbg_utils import models, tokens
+from fgbg_utils.params import resolved_prompt
+tokenizer = models.load_tokenizer(cfg["model"]["path"], cfg["model"]["revision"])
+prompt = resolved_prompt(cfg)
+print("prompt:", prompt)
+print("token positions:", tokens.prompt_positions(tokenizer, prompt, [cfg["object"], *cfg["parts"]]))'''),
+    md("""
+## The noise levels
+
+The 50-step DDIM grid with SD's `leading` spacing and `steps_offset=1` is 981, 961, …, 21, 1; stage 01
+uses its $T_0$ lowest entries (the paper: $T_0 = 40$, so $t = 1, 21, …, 781$).
+"""),
+    code('''# NBVAL_CHECK_OUTPUT
+from fgbg_utils.stage_attention import run as run_stage01
+grid = models.noise_grid(models.load_scheduler(cfg["model"]["path"], cfg["model"]["revision"]),
+                         cfg["attention"]["grid_steps"])
+print("T0 =", cfg["T0"], "lowest levels:", sorted(grid.tolist())[:cfg["T0"]])'''),
+    md("""
+## Run stage 01
+
+Finished images are skipped on a rerun (`force=True` recomputes). Maps go to
+`RUN/01_attention_maps/maps/<id>.npz`: $\\hat M$ (normalised and raw) plus, for exploration, the
+per-noise-level, per-layer and per-token maps.
+"""),
+    code('''# NBVAL_IGNORE_OUTPUT
+summary = run_stage01(cfg, force=force)
+print(f"{summary['n_images']} images, {summary['n_computed']} computed now; "
+      f"{len(summary['layers'])} cross-attention layers; skipped inputs: {summary['skipped_images']}")'''),
+    md("## Image, ground truth and $\\hat M$"),
+    code('''records = gallery.records_by_id(cfg)
+ids = gallery.pick_ids(cfg, cfg["evaluation"]["figure_images"])
+rows = [gallery.attention_row(cfg, i, records) for i in ids]
+fig = plots.image_rows(rows, ["image", "ground truth", "M̂"])'''),
+    md("""
+## Looking inside: noise levels, layers, tokens
+
+In JupyterLab the explorer below has a dropdown for the image and a slider over noise levels,
+layers or tokens. Headless (papermill, CI) it draws the same views as static figures.
+"""),
+    code('''from fgbg_utils.widgets import attention_explorer
+figs = attention_explorer(cfg, ids, interactive)'''),
+]
+
+NB02 = [
+    md(r"""
+# 02 · Binarization: from $\hat M$ to preliminary masks $M_{pre}$
+
+$\hat M$ is soft. Per image, a **two-component Gaussian mixture** is fitted to its values (valid
+pixels only, a fixed `random_state`), and the threshold is the **midpoint of the two means**,
+
+$$\tau = \tfrac12(\mu_1 + \mu_2),\qquad M = [\hat M > \tau],$$
+
+not the GMM's `predict()`: weights and variances play no part. Then an **orphan filter** removes
+isolated pixels: the 3×3 box mean of the binary map, re-thresholded at 0.5 (a majority of ≥ 5 of 9),
+on interior pixels. The result $M_{pre}$ lives on the latent grid and, as the paper intends,
+over-estimates the object; a constant map (a degenerate GMM) gives an empty mask with a warning.
+
+With ground truth, the notebook scores $M_{pre}$ like the paper (pooled pixel accuracy, foreground
+IoU and mIoU), adds per-image mean IoU and Dice (a different protocol, not comparable to pooled
+numbers), the pixel AUC-ROC of $\hat M$, and two baselines that use no model at all: an
+all-foreground mask and a centred disc of the mean object area.
+"""),
+    params_cell(),
+    code(SETUP),
+    code('''# NBVAL_IGNORE_OUTPUT
+from fgbg_utils import stage_binarization
+result = stage_binarization.run(cfg, force=force)'''),
+    md("## The GMM on one image"),
+    code('''from fgbg_utils.stage_attention import load_map
+from fgbg_utils.io import read_json
+ids = gallery.pick_ids(cfg, cfg["evaluation"]["figure_images"], cfg["evaluation"]["split"])
+m = load_map(cfg, ids[0])
+gmm = read_json(f"{cfg['run_dir']}/02_binarization/gmm.json")
+factor = gallery.summary01(cfg)["vae_factor"]
+fig = plots.gmm_histogram(m["mhat"][m["frame"].valid(factor)], gmm[ids[0]], f"M̂ of {ids[0]}")'''),
+    md("## Image, ground truth, $\\hat M$ and $M_{pre}$"),
+    code('''records = gallery.records_by_id(cfg)
+rows = [gallery.binarization_row(cfg, i, records) for i in ids]
+fig = plots.image_rows(rows, ["image", "ground truth", "M̂", "M_pre"])'''),
+    md("""
+## Metrics on the evaluation split
+
+Rows: $M_{pre}$ and the two baselines. Paper, CUB (Table 2): $M_{pre}$ ACC 83.5, IoU 29.0,
+mIoU 55.7; AUC-ROC of $\\hat M$ 97.1.
+"""),
+    code('''# NBVAL_CHECK_OUTPUT
+from fgbg_utils.runner import metrics_table
+print("images scored:", result.get("n_images"), "split:", result["split"])
+print(metrics_table(cfg["run_dir"]))'''),
+    md("""
+## The $T_0$ sweep (the paper's Fig. 3)
+
+Cumulative means of the per-level maps give $\\hat M$ for every $T_0$ from one run: the AUC-ROC when
+averaging the $T_0$ lowest levels. In the paper it rises up to $T_0 \\approx 40$, then falls.
+"""),
+    code('''if "t0_sweep" in result:
+    fig = plots.t0_sweep(result["t0_sweep"]["T0"], result["t0_sweep"]["auc_roc"], cfg["T0"])
+else:
+    print("per-timestep maps were not kept (attention.sweep: false)")'''),
+    md("""
+## Best and worst images
+
+Sorted by the foreground IoU of $M_{pre}$; the failures show where the GMM or the maps go wrong
+(textured backgrounds that pull attention, objects at the border).
+"""),
+    code('''ious = gallery.per_image_iou(cfg, gallery.pick_ids(cfg, 10**6, cfg["evaluation"]["split"]), records)
+order = sorted(ious, key=ious.get)
+pick = order[-3:][::-1] + order[:3]
+rows = [{**gallery.binarization_row(cfg, i, records), "label": f"{i} IoU {ious[i]:.2f}"} for i in pick]
+fig = plots.image_rows(rows, ["image", "ground truth", "M̂", "M_pre"])'''),
+]
+
+
+def write(name, cells):
+    nb = nbf.v4.new_notebook()
+    nb.cells = cells
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nbf.write(nb, HERE / name)
+
+
+def execute(name):
+    """Run a notebook in place with its default (cheap) parameters; keep small outputs only."""
+    from nbclient import NotebookClient
+
+    path = HERE / name
+    nb = nbf.read(path, as_version=4)
+    NotebookClient(nb, timeout=1800, kernel_name="python3",
+                   resources={"metadata": {"path": str(HERE)}}).execute()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = [o for o in cell.outputs
+                        if not (o.output_type == "stream" and o.name == "stderr")
+                        and "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+    nb.metadata.pop("widgets", None)
+    nbf.write(nb, path)
+
+
+NOTEBOOKS = {"01_attention_maps.ipynb": NB01, "02_binarization.ipynb": NB02}
+
+if __name__ == "__main__":
+    import sys
+
+    for name, cells in NOTEBOOKS.items():
+        write(name, cells)
+    if "--execute" in sys.argv:
+        for name in NOTEBOOKS:
+            execute(name)
