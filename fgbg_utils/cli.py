@@ -48,4 +48,10 @@ def main(argv=None) -> int:
     except (ParamsError, DatasetError, ModelError, StageError, TokenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ != "PapermillExecutionError":
+            raise
+        print(f"error: a notebook cell failed: {e.ename}: {e.evalue}\n(the executed notebook in "
+              f"the run folder's notebooks/ shows the cell and the full traceback)", file=sys.stderr)
+        return 1
     return 0

@@ -52,6 +52,22 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def preflight(cfg: dict) -> None:
+    """Cheap checks before any notebook runs: dataset present, object word known to the model."""
+    from .data import load_dataset
+    from .models import ModelError, load_tokenizer
+    from .params import resolved_prompt
+    from .tokens import prompt_positions
+
+    load_dataset(cfg)  # also generates the toy world
+    try:
+        tok = load_tokenizer(cfg["model"]["path"], cfg["model"]["revision"])
+    except (OSError, ValueError) as e:
+        raise ModelError(f"`model.path`={cfg['model']['path']!r}: no tokenizer could be loaded "
+                         f"({str(e).splitlines()[0]}). Use a diffusers folder or hub id.") from None
+    prompt_positions(tok, resolved_prompt(cfg), [cfg["object"], *cfg["parts"]])
+
+
 def run(params_file: str, sets=(), stages: str | None = None, out: str | None = None,
         force: bool = False, log=print) -> Path:
     """Validate the parameters (before any work), then execute the stages' notebooks in order."""
@@ -60,8 +76,7 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
     cfg = load_params(params_file, sets, run_dir=out)
     order = parse_stages(stages)
     if any(s != "00" for s in order):
-        from .data import load_dataset
-        load_dataset(cfg)  # fail early on a missing/empty dataset; generates the toy world
+        preflight(cfg)
     run_dir = Path(cfg["run_dir"])
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "params.yaml"

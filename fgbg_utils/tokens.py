@@ -13,14 +13,14 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
-def _special_prefix(tokenizer) -> int:
-    """How many special tokens the tokenizer puts before the text (1 for <bos>/<|startoftext|>)."""
+def _special_counts(tokenizer) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after the text (1, 1 for CLIP)."""
     full = tokenizer("photo").input_ids
     bare = _ids(tokenizer, "photo")
     for i in range(len(full) - len(bare) + 1):
         if full[i:i + len(bare)] == bare:
-            return i
-    return 0
+            return i, len(full) - i - len(bare)
+    return 0, 0
 
 
 def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
@@ -33,13 +33,13 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     upto = _ids(tokenizer, prompt[:m.end()])
     if upto[:len(before)] != before or len(upto) == len(before):
         raise TokenError(f"could not locate {word!r} in the tokens of {prompt!r}.")
-    offset = _special_prefix(tokenizer)
+    offset, suffix = _special_counts(tokenizer)
     positions = list(range(offset + len(before), offset + len(upto)))
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and all(i == unk for i in upto[len(before):]):
         raise TokenError(f"the word {word!r} is unknown to this model's tokenizer (it maps to "
                          f"{tokenizer.unk_token!r}); use a word from its vocabulary as `object`.")
-    limit = tokenizer.model_max_length
+    limit = tokenizer.model_max_length - suffix  # truncation keeps the end token in the last slot
     if positions[-1] >= limit:
         raise TokenError(f"{word!r} falls beyond the tokenizer's {limit} tokens in {prompt!r}; "
                          f"shorten the prompt.")

@@ -26,7 +26,8 @@ def toy_setup():
                     return_tensors="pt").input_ids
     with torch.no_grad():
         emb = text_encoder(ids)[0]
-    return {"unet": unet, "scheduler": scheduler, "emb": emb, "latent": 16, "tokens": [5]}
+    return {"unet": unet, "scheduler": scheduler, "emb": emb, "latent": 16, "tokens": [5],
+            "n_cross": 2}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def sd_setup():
     ldm = models.load_ldm(str(FIXTURE), device="cpu")
     emb = models.encode_prompt(ldm, "a photo of a bird")
     return {"unet": ldm.unet, "scheduler": ldm.scheduler, "emb": emb, "latent": ldm.latent_size,
-            "tokens": [5]}
+            "tokens": [5], "n_cross": 4}
 
 
 @pytest.fixture(params=["toy", "sd"])
@@ -92,7 +93,7 @@ def test_processors_restored_when_unet_raises(setup):
 def test_capture_only_on_cross_attention(setup):
     unet = setup["unet"]
     cross = _cross_names(unet)
-    assert len(cross) == (2 if setup is not None and setup["emb"].shape[-1] == 64 else 4)
+    assert len(cross) == setup["n_cross"]
     store = AttentionStore(setup["tokens"], setup["latent"])
     with capture_cross_attention(unet, store):
         procs = unet.attn_processors
@@ -250,14 +251,10 @@ def test_store_rejects_non_dividing_layer():
     store.layers = ["odd"]
     with pytest.raises(RuntimeError, match="square map"):
         store.add(0, torch.rand(1, 9, 1))  # 3x3 does not divide 8
+    empty = AttentionStore([1], latent_size=8)
+    empty.layers = ["a"]
     with pytest.raises(RuntimeError, match="no attention captured"):
-        AttentionStore([1], 8).__class__([1], 8).stacked() if False else _missing()
-
-
-def _missing():
-    s = AttentionStore([1], 8)
-    s.layers = ["a"]
-    s.stacked()
+        empty.stacked()
 
 
 def test_minmax_valid_region():

@@ -1,0 +1,69 @@
+"""Bad input through the CLI: a clear message naming the key/file and the fix, exit code 2, and no
+work done (no run folder written)."""
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fgbg_utils.cli import main
+from fgbg_utils.params import PROJECT_ROOT
+
+TOY = str(PROJECT_ROOT / "params" / "toy.yaml")
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_unknown_key_fails_before_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(["run", TOY, "--set", "datset.seed=1", "--out", str(out)], capsys)
+    assert code == 2 and "unknown parameter `datset`" in err and "Did you mean `dataset`" in err
+    assert not out.exists()
+
+
+def test_wrong_type_and_T0_range(tmp_path, capsys):
+    code, err = run_cli(["run", TOY, "--set", "T0=abc", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "`T0` must be int" in err
+    code, err = run_cli(["run", TOY, "--set", "T0=60", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "between 1 and 50" in err
+
+
+def test_object_word_not_in_prompt(tmp_path, capsys):
+    code, err = run_cli(["run", TOY, "--set", "object=bird", "--set", "prompt=a photo of a cat",
+                         "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "'bird' is not in `prompt`" in err
+
+
+def test_missing_and_empty_dataset(tmp_path, capsys):
+    missing = tmp_path / "nothing"
+    code, err = run_cli(["run", TOY, "--set", "dataset.kind=folder", "--set", f"dataset.root={missing}",
+                         "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and str(missing) in err and "dataset.root" in err
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    code, err = run_cli(["run", TOY, "--set", "dataset.kind=folder", "--set", f"dataset.root={empty}",
+                         "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "images" in err
+
+
+def test_unknown_stage(tmp_path, capsys):
+    code, err = run_cli(["run", TOY, "--stages", "09", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "unknown stage" in err
+
+
+def test_word_unknown_to_tokenizer(tmp_path, capsys):
+    """The toy model's tokenizer has no word 'bird': refused before any notebook runs."""
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "images" / "a.png")
+    code, err = run_cli(["run", TOY, "--set", "object=bird", "--set", "dataset.kind=folder",
+                         "--set", f"dataset.root={folder}", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "unknown to this model's tokenizer" in err
+
+
+def test_bad_model_path(tmp_path, capsys):
+    code, err = run_cli(["run", TOY, "--set", f"model.path={tmp_path / 'no-model'}",
+                         "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "model.path" in err
