@@ -73,8 +73,9 @@ def load_ldm(path: str, revision: str | None = None, device: str = "auto",
     if dev.type == "cpu" and dtype == "float16":
         warnings.warn("`dtype` float16 on the CPU is slow or unsupported; using float32.")
         dtype = "float32"
-    torch_dtype = getattr(torch, dtype)
-    unet.to(dev, torch_dtype).eval().requires_grad_(False)
+    unet.to(dev).eval().requires_grad_(False)
+    if dtype != "float32":
+        unet.to(getattr(torch, dtype))
     vae.to(dev).eval().requires_grad_(False)
     text_encoder.to(dev).eval().requires_grad_(False)
     return LDM(vae, unet, text_encoder, tokenizer, scheduler, str(path))
