@@ -86,7 +86,9 @@ def render_sample(rng: np.random.Generator, size: int = 64, background_only: boo
         kind = KINDS[rng.integers(len(KINDS))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         r = rng.uniform(*radius) * size / 64
-        cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+        # centres may lie near the border, so objects can be cut off (as birds are in CUB): the
+        # model must not learn "never at the border" (that put a dark ring into M̂ in trials)
+        cx, cy = rng.uniform(0.3 * r, size - 0.3 * r, 2)
         mask = shape_mask(size, kind, cx, cy, r, rng.uniform(0, 2 * np.pi))
         rgb = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 0.04, 3), 0, 1)
         img[mask] = rgb

@@ -156,26 +156,47 @@ def _save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scheduler, inf
     tmp.rename(out)
 
 
+def _load_init(folder: str | Path):
+    """(vae, unet, text_encoder, training_info) of an earlier toy model to continue from."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    info = json.loads((folder / "training_info.json").read_text())
+    return (AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+            UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"), info)
+
+
 def train_toy_model(out_dir: str | Path, n_images: int = 20_000, seed: int = 1000,
                     vae_minutes: float = 10, unet_minutes: float = 60, image_size: int = 64,
-                    threads: int = 1, snapshot_dir: str | Path | None = None, log=print) -> dict:
-    """Make the toy corpus, train VAE then UNet+text encoder, save the pipeline to out_dir."""
+                    threads: int = 1, snapshot_dir: str | Path | None = None, log=print,
+                    init_from: str | Path | None = None) -> dict:
+    """Make the toy corpus, train VAE then UNet+text encoder, save the pipeline to out_dir.
+    With `init_from`, continue from an earlier toy model (its VAE is kept when vae_minutes=0)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     started = time.time()
     images, _, captions, _ = toy.generate_arrays(n_images, seed, image_size, background_fraction=0.15)
     vae, unet, text_encoder, tokenizer, scheduler = toy.build_models(image_size, seed)
-    vae_info = train_vae(vae, images, vae_minutes * 60, seed, log=log)
+    earlier = None
+    if init_from:
+        vae, unet, text_encoder, earlier = _load_init(init_from)
+    if vae_minutes > 0:
+        vae_info = train_vae(vae, images, vae_minutes * 60, seed, log=log)
+    else:
+        vae_info = {"steps": 0, "note": f"kept from {init_from}"}
     vae.eval().requires_grad_(False)
     raw = encode_latents(vae, images)
-    vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+    if vae_minutes > 0:
+        vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
     latents = raw * vae.config.scaling_factor
     val_images, _, _, _ = toy.generate_arrays(256, seed + 1, image_size)
     vae_info["psnr_db_heldout"] = round(vae_psnr(vae, val_images), 2)
     log(f"VAE: {vae_info['steps']} steps, held-out PSNR {vae_info['psnr_db_heldout']} dB, "
         f"scaling_factor {vae.config.scaling_factor:.4f}")
     info = {"seed": seed, "n_images": n_images, "image_size": image_size, "threads": threads,
-            "arch": toy.TOY_ARCH, "vae": vae_info}
+            "arch": toy.TOY_ARCH, "vae": vae_info, "continued_from": earlier}
 
     def snapshot(step, ema, curve):
         if snapshot_dir is None:
