@@ -11,7 +11,7 @@ export PYTHONHASHSEED := 0
 
 INSTALLED      := $(VENV)/.installed-runtime
 TEST_INSTALLED := $(VENV)/.installed-test
-NBVAL := notebooks/01_attention_maps.ipynb notebooks/02_binarization.ipynb
+NBVAL := $(sort $(wildcard notebooks/0[1-9]_*.ipynb))
 
 .PHONY: demo test lab notebooks benchmark clean install
 

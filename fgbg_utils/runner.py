@@ -127,6 +127,12 @@ def metrics_rows(run_dir: str | Path) -> list[tuple[str, dict]]:
             rows.append(("M_pre (stage 02)", m))
             for name, b in m.get("baselines", {}).items():
                 rows.append((f"baseline: {name}", b))
+    s04 = mdir / "04_refinement.json"
+    if s04.exists():
+        m = json.loads(s04.read_text())
+        for key, name in (("m_crop", "M_crop (stage 04 baseline)"), ("refined", "M (stage 04)")):
+            if key in m:
+                rows.append((name, m[key]))
     return rows
 
 

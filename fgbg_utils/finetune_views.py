@@ -1,0 +1,88 @@
+"""Figures of stages 03-04: sampled rectangles, before/after samples, refinement galleries."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from . import gallery, seeds
+from .datasets import load_image, load_mask
+from .frame import canvas_to_original, image_to_canvas
+from .rectangles import RectRules, training_mask
+from .refine import upsample_mask
+
+
+def rectangle_examples(cfg: dict, n: int = 6):
+    """Training images with M_pre (red) and one sampled training mask each (green: supervised)."""
+    from .stage_binarization import load_mpre
+    from .stage_attention import load_map
+
+    s = gallery.summary01(cfg)
+    ids = [i for i in s["images"] if s["splits"][i] == "train"][:n]
+    records = gallery.records_by_id(cfg)
+    fig, axes = plt.subplots(1, len(ids), figsize=(1.8 * len(ids), 2.2), squeeze=False)
+    L, f = s["latent_size"], s["vae_factor"]
+    for ax, i in zip(axes[0], ids):
+        frame = load_map(cfg, i)["frame"]
+        m_pre = load_mpre(cfg, i)
+        rng = np.random.default_rng(seeds.derive_seed(cfg["seed"], "fig-rect", i))
+        mask, kind, prompt = training_mask(m_pre, rng, RectRules.for_grid(L), p_full=0.0)
+        canvas, _ = image_to_canvas(load_image(records[i].image), s["resolution"], f)
+        img = (canvas.transpose(1, 2, 0) + 1) / 2
+        over = img.copy()
+        over[upsample_mask(m_pre, f)] = 0.6 * over[upsample_mask(m_pre, f)] + 0.4 * np.array([1, 0, 0])
+        over[upsample_mask(mask, f)] = 0.5 * over[upsample_mask(mask, f)] + 0.5 * np.array([0, 1, 0])
+        ax.imshow(np.clip(over, 0, 1), interpolation="nearest")
+        ax.set_title(f"{i}: {kind}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle("red: M_pre · green: background rectangle trained with y_b", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid(cfg: dict, n: int = 8):
+    """Rows: m with y_f, m' with y_f, m with y_b, m' with y_b (same seeds per column)."""
+    path = Path(cfg["run_dir"]) / "03_finetuning" / "samples.npz"
+    with np.load(path) as z:
+        rows = {k: z[k][:n] for k in ("base_y_f", "tuned_y_f", "base_y_b", "tuned_y_b")}
+    cols = len(next(iter(rows.values())))
+    fig, axes = plt.subplots(4, cols, figsize=(1.3 * cols, 1.4 * 4), squeeze=False)
+    names = {"base_y_f": "m, y_f", "tuned_y_f": "m', y_f", "base_y_b": "m, y_b", "tuned_y_b": "m', y_b"}
+    for r, (k, imgs) in enumerate(rows.items()):
+        for c in range(cols):
+            axes[r, c].imshow(imgs[c]), axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(names[k], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def refinement_rows(cfg: dict, best: int = 3, worst: int = 3) -> list[dict]:
+    """Gallery rows for the best and worst refined masks (fg IoU) of the evaluation split."""
+    from .metrics import SegmentationMeter
+    from .stage_attention import load_map
+    from .stage_binarization import load_mpre
+    from .stage_refinement import load_refined, out_path
+    from PIL import Image
+
+    records = gallery.records_by_id(cfg)
+    ids = gallery.pick_ids(cfg, 10**6, cfg["evaluation"]["split"])
+    rows = {}
+    for i in ids:
+        if records[i].mask is None:
+            continue
+        frame = load_map(cfg, i)["frame"]
+        gt = load_mask(records[i].mask)
+        back = lambda a, kind="mask": canvas_to_original(a, frame, kind)
+        row = {"image": load_image(records[i].image), "ground truth": gt,
+               "M_pre": back(load_mpre(cfg, i)), "M": back(load_refined(cfg, i)),
+               "M_crop": back(load_refined(cfg, i, "m_crop")),
+               "background": np.asarray(Image.open(out_path(cfg, "background", i))),
+               "difference": np.asarray(Image.open(out_path(cfg, "difference", i)), np.float32) / 255}
+        meter = SegmentationMeter()
+        meter.update(row["M"], gt)
+        row["iou"] = meter.result()["iou_per_image"]
+        rows[i] = row
+    order = sorted(rows, key=lambda k: rows[k]["iou"])
+    pick = order[::-1][:best] + order[:worst]
+    return [{**rows[i], "label": f"{i} IoU {rows[i]['iou']:.2f}"} for i in pick]

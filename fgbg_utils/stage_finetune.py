@@ -1,0 +1,101 @@
+"""Stage 03: concept-distillation fine-tuning m -> m' (METHOD §2.3) on the training split, with
+the background rectangles chosen from M_pre of stage 02."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import models
+from .data import load_dataset
+from .datasets import load_image
+from .finetune import FinetuneConfig, train
+from .frame import image_to_canvas
+from .params import resolved_prompt
+from . import seeds
+from .io import atomic_write_json
+from .run_folder import metrics_path, open_stage, require_stage, update_stage
+from .stage_binarization import STAGE as STAGE02, load_mpre
+
+STAGE = "03_finetuning"
+
+
+EVAL_KEYS = ("eval_samples", "eval_steps", "eval_guidance")
+
+
+def finetune_config(cfg: dict) -> FinetuneConfig:
+    f = {k: v for k, v in cfg["finetune"].items() if k not in EVAL_KEYS}
+    return FinetuneConfig(**f, seed=cfg["seed"], prompt_full=resolved_prompt(cfg),
+                          prompt_background=cfg["background_prompt"])
+
+
+def training_items(cfg: dict, ldm) -> list:
+    """(canvas, M_pre, valid latent grid) for every training image."""
+    records, _ = load_dataset(cfg)
+    items = []
+    for r in records:
+        if r.split != "train":
+            continue
+        canvas, frame = image_to_canvas(load_image(r.image), ldm.resolution, ldm.vae_factor)
+        items.append((canvas, load_mpre(cfg, r.id), frame.valid(ldm.vae_factor)))
+    if not items:
+        raise ValueError("stage 03 found no images in the train split; add `train` to "
+                         "`dataset.splits` (fine-tuning uses the training images).")
+    return items
+
+
+def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
+    s02 = require_stage(cfg, STAGE02, "stage 03 (fine-tuning)")
+    fcfg = finetune_config(cfg)  # validates max_train_steps & co. before any work
+    out = open_stage(cfg, STAGE, {"from": s02["fingerprint"], "model": cfg["model"],
+                                  "finetune": cfg["finetune"], "seed": cfg["seed"]}, force)
+    if force:
+        for sub in ("checkpoints", "unet", "lora"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "fgbg_finetune.json").unlink(missing_ok=True)
+    ldm = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], "float32")
+    items = training_items(cfg, ldm)
+    summary = train(ldm, items, fcfg, out, resume=True, progress=progress)
+    result = {"training": {k: summary.get(k) for k in ("mode", "steps_done", "max_train_steps",
+                                                       "kinds", "empty_fraction", "seconds",
+                                                       "loss_norm", "loss_curve")}}
+    if cfg["finetune"]["eval_samples"] > 0:
+        result["object_absent"] = evaluate_samples(cfg, ldm, items, out)
+    atomic_write_json(metrics_path(cfg, STAGE), result)
+    update_stage(cfg, STAGE, complete=True)
+    return result
+
+
+def evaluate_samples(cfg: dict, base, items, out: Path) -> dict:
+    """y_f and y_b samples of m and m' (same seeds), and the share of y_b samples with no object.
+
+    Object presence is label-free: the peak of the pretrained model's raw attention to the object
+    word (stage 01's M̂ before normalisation). The threshold is the 5th percentile of that score
+    on the real training images, which all contain the object; a sample scoring below it counts
+    as object-free."""
+    from .finetune import load_finetuned
+    from .sampling import presence_scores, sample_images
+
+    fc = cfg["finetune"]
+    tuned = load_finetuned(base, out)
+    seed_list = [seeds.derive_seed(cfg["seed"], "03-samples", str(i)) for i in range(fc["eval_samples"])]
+    y_f, y_b = resolved_prompt(cfg), cfg["background_prompt"]
+    words = [cfg["object"], *cfg["parts"]]
+    kw = {"steps": fc["eval_steps"], "guidance_scale": fc["eval_guidance"]}
+    samples = {f"{who}_{name}": sample_images(model, prompt, seed_list, **kw)
+               for who, model in (("base", base), ("tuned", tuned))
+               for name, prompt in (("y_f", y_f), ("y_b", y_b))}
+    np.savez_compressed(out / "samples.npz", **{k: (v * 255).round().astype(np.uint8) for k, v in samples.items()})
+    real = np.stack([(c.transpose(1, 2, 0) + 1) / 2 for c, _, _ in items]).astype(np.float32)
+    score = lambda x: presence_scores(base, x, y_f, words, cfg["T0"], cfg["seed"],
+                                      cfg["attention"]["grid_steps"], cfg["attention"]["batch_rows"])
+    real_scores = score(real)
+    tau = float(np.percentile(real_scores, 5))
+    scores = {k: score(v) for k, v in samples.items()}
+    atomic_write_json(out / "presence_scores.json", {"real": real_scores.tolist(), "threshold": tau,
+                                                     **{k: v.tolist() for k, v in scores.items()}})
+    return {"threshold": tau, "n_samples": len(seed_list), "n_real": len(real_scores),
+            "calibration": "5th percentile of the presence score on the real training images",
+            **{f"share_object_free_{k}": float((v < tau).mean()) for k, v in scores.items()}}

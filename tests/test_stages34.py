@@ -1,0 +1,69 @@
+"""Stages 03-04 on a tiny toy run with the shipped toy model: M ⊆ M_pre, outputs and metrics
+written, hand-offs checked (a missing stage names the one to run), max_train_steps required."""
+import json
+
+import numpy as np
+import pytest
+
+from fgbg_utils import load_params, stage_attention, stage_binarization, stage_finetune, stage_refinement
+from fgbg_utils.params import PROJECT_ROOT
+from fgbg_utils.refine import upsample_mask
+from fgbg_utils.run_folder import StageError
+
+TOY = PROJECT_ROOT / "params" / "toy.yaml"
+TINY = {"dataset.n_train": 3, "dataset.n_test": 2, "T0": 5, "attention.sweep": False,
+        "finetune.max_train_steps": 4, "finetune.checkpoint_every": 2, "finetune.batch_size": 2,
+        "finetune.eval_samples": 2, "finetune.eval_steps": 3, "refinement.steps": 3}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = load_params(TOY, TINY, run_dir=str(tmp_path_factory.mktemp("r34") / "run"))
+    stage_attention.run(cfg, progress=False)
+    stage_binarization.run(cfg, progress=False)
+    s03 = stage_finetune.run(cfg, progress=False)
+    s04 = stage_refinement.run(cfg, progress=False)
+    return cfg, s03, s04
+
+
+def test_refined_is_subset_of_preliminary(run):
+    cfg, _, _ = run
+    f = json.loads((stage_attention.Path(cfg["run_dir"]) / "01_attention_maps" / "summary.json").read_text())
+    for i in f["images"]:
+        up = upsample_mask(stage_binarization.load_mpre(cfg, i), f["vae_factor"])
+        for kind in ("refined", "m_crop"):
+            m = stage_refinement.load_refined(cfg, i, kind)
+            assert m.shape == up.shape and not (m & ~up).any()
+
+
+def test_outputs_and_metrics(run):
+    cfg, s03, s04 = run
+    assert s03["training"]["steps_done"] == 4 and s03["training"]["max_train_steps"] == 4
+    assert set(s03["object_absent"]) >= {"threshold", "share_object_free_tuned_y_b"}
+    for key in ("preliminary", "refined", "m_crop"):
+        for m in ("acc", "iou", "miou", "iou_per_image", "dice_per_image"):
+            assert 0 <= s04[key][m] <= 1
+    for kind in stage_refinement.OUTPUTS:
+        assert len(list((stage_attention.Path(cfg["run_dir"]) / "04_refinement" / kind).glob("*.png"))) == 5
+    saved = json.loads((stage_attention.Path(cfg["run_dir"]) / "03_finetuning" / "fgbg_finetune.json").read_text())
+    assert saved["max_train_steps"] == 4 and saved["mode"] == "full"
+
+
+def test_rerun_skips_and_resumes(run):
+    cfg, _, _ = run
+    assert stage_finetune.run(cfg, progress=False)["training"]["steps_done"] == 4  # from checkpoint
+
+
+def test_missing_stages_are_named(tmp_path):
+    cfg = load_params(TOY, TINY, run_dir=str(tmp_path / "empty"))
+    with pytest.raises(StageError, match="02_binarization.*--stages 02"):
+        stage_finetune.run(cfg, progress=False)
+    with pytest.raises(StageError, match="--stages 02"):
+        stage_refinement.run(cfg, progress=False)
+
+
+def test_max_train_steps_required(run, tmp_path):
+    cfg, _, _ = run
+    bad = load_params(TOY, {**TINY, "finetune.max_train_steps": None}, run_dir=cfg["run_dir"])
+    with pytest.raises(ValueError, match="finetune.max_train_steps"):
+        stage_finetune.run(bad, progress=False)
