@@ -48,6 +48,7 @@ notebooks: $(TEST_INSTALLED)
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/extraction.py
+	$(BIN)/python benchmarks/finetune.py
 
 clean:
 	rm -rf runs .cache

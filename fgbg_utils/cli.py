@@ -15,6 +15,14 @@ def main(argv=None) -> int:
     r.add_argument("--stages", help="comma-separated stage numbers, e.g. 01,02 (default: all)")
     r.add_argument("--out", help="run folder (default: run_dir of the params file)")
     r.add_argument("--force", action="store_true", help="recompute finished outputs")
+    st = sub.add_parser("stage", help="run one stage's function directly (no notebook); e.g. "
+                        "`accelerate launch -m fgbg_utils stage 03 params/cub.yaml --out runs/cub` "
+                        "fine-tunes on several GPUs")
+    st.add_argument("number", choices=["01", "02", "03", "04"])
+    st.add_argument("params")
+    st.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    st.add_argument("--out")
+    st.add_argument("--force", action="store_true")
     m = sub.add_parser("metrics", help="print the metrics table of a run folder")
     m.add_argument("run_dir")
     t = sub.add_parser("train-toy", help="train the toy LDM (what notebook 00 runs)")
@@ -38,6 +46,13 @@ def main(argv=None) -> int:
             run_dir = run(args.params, args.sets, args.stages, args.out, args.force)
             print(f"\nRun folder: {run_dir}\n")
             print(metrics_table(run_dir))
+        elif args.cmd == "stage":
+            import importlib
+            from .params import load_params
+            module = {"01": "stage_attention", "02": "stage_binarization", "03": "stage_finetune",
+                      "04": "stage_refinement"}[args.number]
+            cfg = load_params(args.params, args.sets, run_dir=args.out)
+            importlib.import_module(f"fgbg_utils.{module}").run(cfg, force=args.force)
         elif args.cmd == "metrics":
             from .runner import metrics_table
             print(metrics_table(args.run_dir))

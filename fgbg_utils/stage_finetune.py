@@ -58,6 +58,9 @@ def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
     ldm = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], "float32")
     items = training_items(cfg, ldm)
     summary = train(ldm, items, fcfg, out, resume=True, progress=progress)
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # under `accelerate launch`: rank 0 evaluates
+        return {"training": summary}
     result = {"training": {k: summary.get(k) for k in ("mode", "steps_done", "max_train_steps",
                                                        "kinds", "empty_fraction", "seconds",
                                                        "loss_norm", "loss_curve")}}
@@ -98,4 +101,11 @@ def evaluate_samples(cfg: dict, base, items, out: Path) -> dict:
                                                      **{k: v.tolist() for k, v in scores.items()}})
     return {"threshold": tau, "n_samples": len(seed_list), "n_real": len(real_scores),
             "calibration": "5th percentile of the presence score on the real training images",
-            **{f"share_object_free_{k}": float((v < tau).mean()) for k, v in scores.items()}}
+            **{f"share_object_free_{k}": float((v < tau).mean()) for k, v in scores.items()},
+            **{f"auc_real_vs_{k}": _auc(real_scores, v) for k, v in scores.items()}}
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a real object image > score of a sample), ties half (Mann-Whitney)."""
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())

@@ -323,14 +323,17 @@ fig = plots.curve(np.arange(k, len(curve) + 1), smooth, "step", "masked loss",
     md("""
 ## Before / after: samples with $y_f$ and $y_b$ (same seeds)
 
-After fine-tuning, $y_b$ should give object-free scenes. The number below is label-free: a sample
-counts as object-free when the *pretrained* model's peak attention to the object word is below the
-5th percentile of that score on the real training images (which all contain the object).
+After fine-tuning, $y_b$ should give object-free scenes. The numbers below are label-free. The
+*presence score* of an image is the peak of the pretrained model's raw attention to the object word
+(stage 01's M̂ before normalisation). `share_object_free_*`: samples scoring below the 5th
+percentile of the real training images (which all contain the object). `auc_real_vs_*`: the
+probability that a real image scores higher than a sample — near 1 when the samples hold no object,
+near 0.5 when they look like the real images.
 """),
     code('''from fgbg_utils.finetune_views import sample_grid
 fig = sample_grid(cfg)
 oa = result.get("object_absent", {})
-print({k: round(v, 3) for k, v in oa.items() if k.startswith("share")})'''),
+print({k: round(v, 3) for k, v in oa.items() if k.startswith(("share", "auc"))})'''),
 ]
 
 NB04 = [
