@@ -42,13 +42,14 @@ def rectangle_examples(cfg: dict, n: int = 6):
 
 
 def sample_grid(cfg: dict, n: int = 8):
-    """Rows: m with y_f, m' with y_f, m with y_b, m' with y_b (same seeds per column)."""
+    """Rows: m and m' with y_f, with y_b, and with y_b contrasted against y_f (same seeds)."""
     path = Path(cfg["run_dir"]) / "03_finetuning" / "samples.npz"
+    names = {"base_y_f": "m, y_f", "tuned_y_f": "m', y_f", "base_y_b": "m, y_b", "tuned_y_b": "m', y_b",
+             "base_y_b_vs_y_f": "m, y_b−y_f", "tuned_y_b_vs_y_f": "m', y_b−y_f"}
     with np.load(path) as z:
-        rows = {k: z[k][:n] for k in ("base_y_f", "tuned_y_f", "base_y_b", "tuned_y_b")}
+        rows = {k: z[k][:n] for k in names if k in z.files}
     cols = len(next(iter(rows.values())))
-    fig, axes = plt.subplots(4, cols, figsize=(1.3 * cols, 1.4 * 4), squeeze=False)
-    names = {"base_y_f": "m, y_f", "tuned_y_f": "m', y_f", "base_y_b": "m, y_b", "tuned_y_b": "m', y_b"}
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols, 1.4 * len(rows)), squeeze=False)
     for r, (k, imgs) in enumerate(rows.items()):
         for c in range(cols):
             axes[r, c].imshow(imgs[c]), axes[r, c].set_xticks([]), axes[r, c].set_yticks([])

@@ -72,7 +72,7 @@ SCHEMA: dict[str, Any] = {
         "hflip": ((bool,), True, "random horizontal flip [C]"),
         "eval_samples": ((int,), 16, "y_f and y_b samples before/after fine-tuning (0: none)"),
         "eval_steps": ((int,), 50, "DDIM steps of those samples"),
-        "eval_guidance": ((float, int), 1.0, "guidance scale of those samples (1: none)"),
+        "eval_guidance": ((float, int), 3.0, "scale s of the y_b-vs-y_f contrast samples"),
     },
     "refinement": {
         "steps": ((int,), 50, "DDIM steps of the inpainting [P]"),

@@ -86,10 +86,13 @@ def evaluate_samples(cfg: dict, base, items, out: Path) -> dict:
     seed_list = [seeds.derive_seed(cfg["seed"], "03-samples", str(i)) for i in range(fc["eval_samples"])]
     y_f, y_b = resolved_prompt(cfg), cfg["background_prompt"]
     words = [cfg["object"], *cfg["parts"]]
-    kw = {"steps": fc["eval_steps"], "guidance_scale": fc["eval_guidance"]}
-    samples = {f"{who}_{name}": sample_images(model, prompt, seed_list, **kw)
+    # y_f and y_b plainly (s = 1), and y_b contrasted against y_f (negative prompt, s > 1), the
+    # paper's way of sampling object-free backgrounds
+    settings = {"y_f": (y_f, None, 1.0), "y_b": (y_b, None, 1.0),
+                "y_b_vs_y_f": (y_b, y_f, fc["eval_guidance"])}
+    samples = {f"{who}_{name}": sample_images(model, p, seed_list, fc["eval_steps"], s, neg)
                for who, model in (("base", base), ("tuned", tuned))
-               for name, prompt in (("y_f", y_f), ("y_b", y_b))}
+               for name, (p, neg, s) in settings.items()}
     np.savez_compressed(out / "samples.npz", **{k: (v * 255).round().astype(np.uint8) for k, v in samples.items()})
     real = np.stack([(c.transpose(1, 2, 0) + 1) / 2 for c, _, _ in items]).astype(np.float32)
     score = lambda x: presence_scores(base, x, y_f, words, cfg["T0"], cfg["seed"],
@@ -100,6 +103,7 @@ def evaluate_samples(cfg: dict, base, items, out: Path) -> dict:
     atomic_write_json(out / "presence_scores.json", {"real": real_scores.tolist(), "threshold": tau,
                                                      **{k: v.tolist() for k, v in scores.items()}})
     return {"threshold": tau, "n_samples": len(seed_list), "n_real": len(real_scores),
+            "contrast_guidance": fc["eval_guidance"],
             "calibration": "5th percentile of the presence score on the real training images",
             **{f"share_object_free_{k}": float((v < tau).mean()) for k, v in scores.items()},
             **{f"auc_real_vs_{k}": _auc(real_scores, v) for k, v in scores.items()}}

@@ -329,6 +329,12 @@ After fine-tuning, $y_b$ should give object-free scenes. The numbers below are l
 percentile of the real training images (which all contain the object). `auc_real_vs_*`: the
 probability that a real image scores higher than a sample — near 1 when the samples hold no object,
 near 0.5 when they look like the real images.
+
+Rows: $y_f$ and $y_b$ plainly ($s = 1$), and $y_b$ contrasted against $y_f$
+($\hat\varepsilon = \varepsilon(y_f) + s\,(\varepsilon(y_b) - \varepsilon(y_f))$, `finetune.eval_guidance`),
+the paper's way to sample object-free backgrounds. In the toy world, plain $y_b$ after fine-tuning
+sometimes still draws an object: the background rectangles are learned inside images that contain
+the object, so $y_b$ alone no longer rules it out; the contrast removes it.
 """),
     code('''from fgbg_utils.finetune_views import sample_grid
 fig = sample_grid(cfg)
