@@ -116,19 +116,19 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
 METRIC_COLUMNS = ("auc_roc", "acc", "iou", "miou", "iou_per_image", "dice_per_image")
 
 
-def metrics_rows(run_dir: str | Path) -> list[tuple[str, dict]]:
-    """(row name, metrics) for every metrics file of the run, in stage order."""
+def metrics_rows(run_dir: str | Path, stages=("02", "04")) -> list[tuple[str, dict]]:
+    """(row name, metrics) for the metrics files of the run, in stage order."""
     rows = []
     mdir = Path(run_dir) / "metrics"
     s02 = mdir / "02_binarization.json"
-    if s02.exists():
+    if s02.exists() and "02" in stages:
         m = json.loads(s02.read_text())
         if "iou" in m:
             rows.append(("M_pre (stage 02)", m))
             for name, b in m.get("baselines", {}).items():
                 rows.append((f"baseline: {name}", b))
     s04 = mdir / "04_refinement.json"
-    if s04.exists():
+    if s04.exists() and "04" in stages:
         m = json.loads(s04.read_text())
         for key, name in (("m_crop", "M_crop (stage 04 baseline)"), ("refined", "M (stage 04)")):
             if key in m:
@@ -136,8 +136,8 @@ def metrics_rows(run_dir: str | Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def metrics_table(run_dir: str | Path) -> str:
-    rows = metrics_rows(run_dir)
+def metrics_table(run_dir: str | Path, stages=("02", "04")) -> str:
+    rows = metrics_rows(run_dir, stages)
     if not rows:
         return "(no metrics with ground truth in this run)"
     head = "| " + " | ".join(["row", *METRIC_COLUMNS]) + " |"
