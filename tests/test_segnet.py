@@ -1,0 +1,116 @@
+"""The evaluation segmentation U-Net (METHOD §2.6): shapes, joint augmentation, determinism, and
+that it can fit a tiny fixed set."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from fgbg_utils import segnet, toy
+from fgbg_utils.metrics import SegmentationMeter
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("hw", [(37, 45), (32, 32), (17, 50)])
+def test_output_shape_any_size(hw):
+    model = segnet.UNet(base_width=4, depth=3).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, *hw))
+    assert out.shape == (2, 1, *hw)
+
+
+def test_paper_widths():
+    assert segnet.UNet(base_width=64, depth=4).widths == [64, 128, 256, 512, 1024]
+    cfg = segnet.SegConfig()
+    assert (cfg.size, cfg.steps, cfg.batch_size, cfg.lr, cfg.threshold) == (128, 12000, 32, 2e-3, 0.5)
+
+
+def test_joint_transform_keeps_image_and_mask_aligned():
+    rng0 = np.random.default_rng(0)
+    image = rng0.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    mask = image[..., 0].astype(np.float32) / 255  # a soft mask made from the red channel
+    seen_flip = seen_noflip = False
+    for step in range(12):
+        img, m = segnet.joint_train_transform(image, mask, 32, np.random.default_rng([0, step]))
+        assert img.shape == (3, 32, 32) and m.shape == (32, 32)
+        np.testing.assert_allclose(m.numpy(), img[0].numpy(), atol=0.51 / 255)
+        assert 0 < m.min() and m.max() < 1  # labels stay soft
+        # flipped or not, the crop is a window of the resized image
+        ref, _ = segnet.resize_short_side(image, None, 32)
+        ref = ref.float() / 255
+        window = [(top, left) for top in range(ref.shape[1] - 31) for left in range(ref.shape[2] - 31)
+                  if torch.equal(ref[:, top:top + 32, left:left + 32], img)]
+        if window:
+            seen_noflip = True
+        else:
+            flipped = img.flip(-1)
+            assert any(torch.equal(ref[:, t:t + 32, l:l + 32], flipped)
+                       for t in range(ref.shape[1] - 31) for l in range(ref.shape[2] - 31))
+            seen_flip = True
+    assert seen_flip and seen_noflip
+    # training batches use the same path
+    data = segnet.prepare_training_data([image], [mask], 32)
+    cfg = segnet.SegConfig(size=32, batch_size=3, seed=1)
+    x, y = segnet.make_batch(data, np.zeros(3, int), cfg, step=5)
+    assert x.shape == (3, 3, 32, 32) and y.shape == (3, 1, 32, 32)
+    np.testing.assert_allclose(y[:, 0].numpy(), x[:, 0].numpy(), atol=0.6 / 255)
+
+
+def test_center_crop_pair():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 40:] = 255
+    mask = np.zeros((40, 80), bool)
+    mask[:, 40:] = True
+    crop, gt = segnet.center_crop_pair(image, mask, 20)  # 40x80 -> 20x40 -> centre 20x20
+    assert crop.shape == (20, 20, 3) and crop.dtype == np.uint8 and gt.shape == (20, 20)
+    assert gt.dtype == bool and gt[:, 10:].all() and not gt[:, :10].any()
+    np.testing.assert_array_equal(crop[..., 0] > 127, gt)
+
+
+def _tiny_cfg(**kw):
+    base = dict(size=32, base_width=8, depth=2, steps=150, batch_size=4, lr=1e-2, seed=0,
+                device="cpu")
+    base.update(kw)
+    return segnet.SegConfig(**base)
+
+
+def test_training_is_deterministic():
+    images, masks, _, _ = toy.generate_arrays(3, seed=2, size=32)
+    cfg = _tiny_cfg(steps=4)
+    m1, c1 = segnet.train_segnet(list(images), list(masks), cfg)
+    m2, c2 = segnet.train_segnet(list(images), list(masks), cfg)
+    assert c1 == c2
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    _, c3 = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=4, seed=1))
+    assert c3 != c1
+
+
+def test_overfits_tiny_set():
+    images, masks, _, _ = toy.generate_arrays(4, seed=0, size=32, background_fraction=0.0)
+    cfg = _tiny_cfg()
+    logs = []
+    model, curve = segnet.train_segnet(list(images), list(masks), cfg, log=logs.append)
+    assert len(curve) == cfg.steps and logs
+    assert np.mean(curve[-10:]) < np.mean(curve[:10])
+    preds = segnet.predict(model, list(images), cfg)
+    meter = SegmentationMeter()
+    for p, g in zip(preds, masks):
+        assert p.shape == g.shape and p.dtype == bool
+        meter.update(p, g)
+    assert meter.result()["iou"] > 0.8, meter.result()
+    # the centre-crop protocol at the training size is the identity geometry here
+    cpreds, gts = segnet.predict_center_crop(model, list(images), list(masks), cfg)
+    for p, q, g, m in zip(cpreds, preds, gts, masks):
+        np.testing.assert_array_equal(g, m)
+        assert (p == q).mean() > 0.99
+
+
+def test_predict_returns_original_sizes():
+    model = segnet.build_model(_tiny_cfg()).eval()
+    imgs = [np.zeros((21, 47, 3), np.uint8), np.full((64, 30), 128, np.uint8)]
+    out = segnet.predict(model, imgs, _tiny_cfg())
+    assert [o.shape for o in out] == [(21, 47), (64, 30)] and all(o.dtype == bool for o in out)
