@@ -105,14 +105,26 @@ fig = plots.image_rows(rows[:4], ["image", "mask"])"""),
     model_dir = out_dir"""),
     md("## How the model was trained: time and loss curves"),
     code("""info = json.loads((Path(model_dir) / "training_info.json").read_text())
-print(f"total {info['total_minutes']} min; VAE {info['vae']['steps']} steps "
-      f"(held-out PSNR {info['vae']['psnr_db_heldout']} dB); UNet {info['unet']['steps']} steps "
-      f"in {info['unet']['seconds'] / 60:.0f} min")
+print(f"about {info['total_minutes']} min of one CPU core in all")
+for name, phase in info.get("phases", {}).items():
+    print(f"phase {name}:", phase)
+if "selection" in info:
+    print("selection:", info["selection"]["rule"])
+    print("validation IoU by step:", info["selection"]["validation_iou_by_step"])
+first = info.get("continued_from") or info
+vae = first["vae"]["curve"]
+unet = first["unet"]["curve"] if info.get("continued_from") else []
+offset = unet[-1]["step"] if unet else 0
+unet2 = [dict(p, step=p["step"] + offset) for p in info.get("selection", {}).get("phase2_full_curve", info["unet"]["curve"])]
 fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
-for ax, part in zip(axes, ["vae", "unet"]):
-    c = info[part]["curve"]
-    ax.plot([p["step"] for p in c], [p["loss"] for p in c]); ax.set_yscale("log")
-    ax.set_title(f"{part} loss"); ax.set_xlabel("step"); ax.grid(alpha=0.3)
+axes[0].plot([p["step"] for p in vae], [p["loss"] for p in vae]); axes[0].set_title("VAE loss (L1 + MSE)")
+axes[1].plot([p["step"] for p in unet], [p["loss"] for p in unet], label="phase 1")
+axes[1].plot([p["step"] for p in unet2], [p["loss"] for p in unet2], label="phase 2")
+if "selection" in info:
+    axes[1].axvline(offset + info["selection"]["selected_step"], color="tab:red", ls="--", label="shipped")
+axes[1].set_title("UNet ε-loss"); axes[1].legend(fontsize=8)
+for ax in axes:
+    ax.set_yscale("log"); ax.set_xlabel("step"); ax.grid(alpha=0.3)
 fig.tight_layout()"""),
     md("## What the model draws (DDIM, 50 steps, guidance 3)"),
     code("""import torch
