@@ -8,8 +8,11 @@ from .run_folder import fingerprint
 
 
 def toy_generator_params(cfg: dict) -> dict:
+    from .toy import GENERATOR_VERSION
+
     ds = cfg["dataset"]
-    return {k: ds[k] for k in ("seed", "n_train", "n_test", "image_size", "background_fraction")}
+    return {**{k: ds[k] for k in ("seed", "n_train", "n_test", "image_size", "background_fraction")},
+            "generator_version": GENERATOR_VERSION}
 
 
 def dataset_root(cfg: dict) -> Path:

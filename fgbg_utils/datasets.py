@@ -302,7 +302,10 @@ def check_images(records: list[Record], on_corrupt: str = "skip"
 
 # ----------------------------------------------------------------------------- toy writer
 def _toy_params(n_train, n_test, seed, image_size, background_fraction) -> dict:
-    return {"generator": "fgbg_utils.toy.generate_arrays", "n_train": int(n_train),
+    from .toy import GENERATOR_VERSION
+
+    return {"generator": "fgbg_utils.toy.generate_arrays", "version": GENERATOR_VERSION,
+            "n_train": int(n_train),
             "n_test": int(n_test), "seed": int(seed), "image_size": int(image_size),
             "background_fraction": float(background_fraction)}
 

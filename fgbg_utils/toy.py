@@ -17,6 +17,7 @@ COLOURS = {
 }
 BACKGROUNDS = ("solid", "gradient", "stripes", "noise", "checker")
 CONCEPT = "shape"
+GENERATOR_VERSION = 2  # bump when rendering changes: cached datasets are keyed by it (2: border-crossing objects)
 BACKGROUND_CAPTION = "a photo of a background"
 VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "photo", "of", "background", CONCEPT,
          *KINDS, *COLOURS]

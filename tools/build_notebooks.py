@@ -110,7 +110,7 @@ for name, phase in info.get("phases", {}).items():
     print(f"phase {name}:", phase)
 if "selection" in info:
     print("selection:", info["selection"]["rule"])
-    print("validation IoU by step:", info["selection"]["validation_iou_by_step"])
+    print("validation IoU by step:", {k: v for k, v in info["selection"].items() if k.startswith("validation")})
 first = info.get("continued_from") or info
 vae = first["vae"]["curve"]
 unet = first["unet"]["curve"] if info.get("continued_from") else []
