@@ -205,6 +205,8 @@ def load_params(path: str | Path | None = None, overrides=(), run_dir: str | Non
     cfg = defaults()
     if path is not None:
         path = Path(path)
+        if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
+            path = PROJECT_ROOT / path  # relative paths: the working directory, then the project root
         if not path.is_file():
             raise ParamsError(f"parameter file {path} does not exist; pass one of params/*.yaml.")
         try:

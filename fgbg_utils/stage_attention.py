@@ -20,8 +20,11 @@ STAGE = "01_attention_maps"
 
 def stage_params(cfg: dict) -> dict:
     keys = ("seed", "object", "parts", "prompt", "T0", "dtype")
+    from .data import toy_generator_params
+
+    toy = toy_generator_params(cfg) if cfg["dataset"]["kind"] == "toy" else None
     return {**{k: cfg[k] for k in keys}, "model": cfg["model"], "dataset": cfg["dataset"],
-            "attention": cfg["attention"]}
+            "toy_generator": toy, "attention": cfg["attention"]}
 
 
 def check_pretrained(path: str) -> None:

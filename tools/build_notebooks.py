@@ -28,8 +28,8 @@ CHEAP34 = CHEAP + ', "finetune.max_train_steps": 60, "finetune.eval_samples": 4,
 
 def params_cell(extra="", cheap=CHEAP):
     return code(f'''{PARAMS_DOC}
-params_file = "../params/toy.yaml"  # the YAML that drives this notebook
-run_dir = "../runs/notebook"        # run folder (the CLI passes its --out)
+params_file = "params/toy.yaml"     # the YAML that drives this notebook (relative: project root)
+run_dir = "runs/notebook"           # run folder (relative: project root; the CLI passes its --out)
 overrides = {{{cheap}}}  # dotted keys; the CLI passes {{}}
 force = False                       # recompute finished outputs
 interactive = True                  # widgets when a browser is attached
