@@ -179,7 +179,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set dataset.seed=1")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):  # YAML 1.1 reads "3e-5" as a string; numbers are meant
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def _nest(dotted: str, value) -> dict:

@@ -72,3 +72,8 @@ def test_shipped_params_are_valid(name):
     from fgbg_utils.params import PROJECT_ROOT
     cfg = load_params(PROJECT_ROOT / "params" / name)
     assert cfg["object"] in cfg["prompt"].replace("{object}", cfg["object"])
+
+
+def test_override_scientific_notation(tmp_path):
+    cfg = load_params(write(tmp_path, {}), ["finetune.learning_rate=3e-5", "object=shape"])
+    assert cfg["finetune"]["learning_rate"] == 3e-5 and cfg["object"] == "shape"
