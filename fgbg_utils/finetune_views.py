@@ -16,7 +16,6 @@ from .refine import upsample_mask
 def rectangle_examples(cfg: dict, n: int = 6):
     """Training images with M_pre (red) and one sampled training mask each (green: supervised)."""
     from .stage_binarization import load_mpre
-    from .stage_attention import load_map
 
     s = gallery.summary01(cfg)
     ids = [i for i in s["images"] if s["splits"][i] == "train"][:n]
@@ -24,7 +23,6 @@ def rectangle_examples(cfg: dict, n: int = 6):
     fig, axes = plt.subplots(1, len(ids), figsize=(1.8 * len(ids), 2.2), squeeze=False)
     L, f = s["latent_size"], s["vae_factor"]
     for ax, i in zip(axes[0], ids):
-        frame = load_map(cfg, i)["frame"]
         m_pre = load_mpre(cfg, i)
         rng = np.random.default_rng(seeds.derive_seed(cfg["seed"], "fig-rect", i))
         mask, kind, prompt = training_mask(m_pre, rng, RectRules.for_grid(L), p_full=0.0)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from .data import load_dataset
 from .datasets import load_image, load_mask

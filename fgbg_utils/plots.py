@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import matplotlib.pyplot as plt
 
-from .frame import canvas_to_original
 
 
 def _show(ax, img, title=None, cmap=None, vmin=None, vmax=None):
@@ -88,6 +87,3 @@ def curve(xs, ys, xlabel: str, ylabel: str, title: str = "", logy: bool = False)
     fig.tight_layout()
     return fig
 
-
-def to_original(arr, frame, kind):
-    return canvas_to_original(arr, frame, kind)

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import models
 from .data import load_dataset

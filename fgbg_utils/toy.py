@@ -2,9 +2,6 @@
 real diffusers/transformers classes (AutoencoderKL, UNet2DConditionModel, CLIPTextModel)."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

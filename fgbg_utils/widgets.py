@@ -17,7 +17,6 @@ def _views(cfg: dict, image_id: str) -> dict:
         out["noise level t"] = [(f"t={t}", a) for t, a in zip(s["timesteps"], m["per_timestep"])]
     if "per_layer" in m:
         out["layer"] = [(name.split(".attentions")[0], a) for name, a in zip(s["layers"], m["per_layer"])]
-        words = [w for w, pos in s["token_positions"].items() for _ in pos]
         toks = [f"{w}@{p}" for w, pos in s["token_positions"].items() for p in pos]
         out["token"] = list(zip(toks, m["per_token"]))
     return out
