@@ -25,7 +25,6 @@ with a random (1, 77, 768) text embedding and token position 5. It prints a mark
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -34,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fgbg_utils.io import atomic_write_json  # noqa: E402
 from fgbg_utils import attention, models  # noqa: E402
 
 
@@ -222,8 +221,7 @@ def main(argv=None):
     print(f"\n{torch.get_num_threads()} thread(s), torch {torch.__version__}, CPU\n")
     print(table(results))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        atomic_write_json(args.json, results)
     return results
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fgbg_utils.io import atomic_write_json  # noqa: E402
 from fgbg_utils import finetune as ft  # noqa: E402
 from fgbg_utils import models, toy  # noqa: E402
 
@@ -129,8 +129,7 @@ def main(argv=None):
           f"| {med['sampling']:.5f} |")
     print(f"sample kinds in ours: {res['kinds']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        atomic_write_json(args.json, res)
     return res
 
 
