@@ -1,5 +1,6 @@
-# make demo: create .venv if missing, install, run the default toy pipeline headless (runs/toy).
-# make test: install what the tests need and run them (unit tests + nbval on notebooks 01-02).
+# make demo: create .venv if missing, install, run the default toy pipeline headless (runs/toy),
+#            stages 01-06, then write runs/toy/report.html.
+# make test: install what the tests need and run them (unit tests + nbval on notebooks 01-06).
 # make lab:  open JupyterLab on notebooks/ with the project's environment.
 PYTHON ?= python3
 VENV   := .venv
@@ -32,6 +33,7 @@ install: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fgbg_utils run params/toy.yaml --out runs/toy
+	$(BIN)/python -m fgbg_utils report runs/toy
 
 test: $(TEST_INSTALLED)
 	$(BIN)/python -m pytest -q tests $(NBVAL) --nbval-lax --nbval-current-env

@@ -1,4 +1,4 @@
-"""Command line: `python -m fgbg_utils run|train-toy|metrics ...`."""
+"""Command line: `python -m fgbg_utils run|stage|metrics|report|train-toy ...`."""
 from __future__ import annotations
 
 import argparse
@@ -18,13 +18,15 @@ def main(argv=None) -> int:
     st = sub.add_parser("stage", help="run one stage's function directly (no notebook); e.g. "
                         "`accelerate launch -m fgbg_utils stage 03 params/cub.yaml --out runs/cub` "
                         "fine-tunes on several GPUs")
-    st.add_argument("number", choices=["01", "02", "03", "04"])
+    st.add_argument("number", choices=["01", "02", "03", "04", "05", "06"])
     st.add_argument("params")
     st.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     st.add_argument("--out")
     st.add_argument("--force", action="store_true")
     m = sub.add_parser("metrics", help="print the metrics table of a run folder")
     m.add_argument("run_dir")
+    rep = sub.add_parser("report", help="write DIR/report.html: the metrics table and the executed notebooks")
+    rep.add_argument("run_dir")
     t = sub.add_parser("train-toy", help="train the toy LDM (what notebook 00 runs)")
     t.add_argument("--out", default="models/toy-ldm")
     t.add_argument("--n-images", type=int, default=20000)
@@ -50,12 +52,16 @@ def main(argv=None) -> int:
             import importlib
             from .params import load_params
             module = {"01": "stage_attention", "02": "stage_binarization", "03": "stage_finetune",
-                      "04": "stage_refinement"}[args.number]
+                      "04": "stage_refinement", "05": "stage_synthesis",
+                      "06": "stage_evaluation"}[args.number]
             cfg = load_params(args.params, args.sets, run_dir=args.out)
             importlib.import_module(f"fgbg_utils.{module}").run(cfg, force=args.force)
         elif args.cmd == "metrics":
             from .runner import metrics_table
             print(metrics_table(args.run_dir))
+        elif args.cmd == "report":
+            from .report import write_report
+            print(f"wrote {write_report(args.run_dir)}")
         elif args.cmd == "train-toy":
             from .toy_training import train_toy_model
             train_toy_model(args.out, args.n_images, args.seed, args.vae_minutes, args.unet_minutes,

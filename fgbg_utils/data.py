@@ -38,4 +38,7 @@ def load_dataset(cfg: dict):
     ds = cfg["dataset"]
     records = load_records(ds["kind"], dataset_root(cfg), seed=ds["seed"],
                            test_fraction=ds["test_fraction"], splits=ds["splits"], limit=ds["limit"])
+    if not ds["ground_truth"]:
+        from dataclasses import replace
+        records = [replace(r, mask=None) for r in records]
     return check_images(records, on_corrupt=ds["on_corrupt"])

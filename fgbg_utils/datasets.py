@@ -29,6 +29,10 @@ class DatasetError(ValueError):
     """A dataset problem; the message names the path/parameter and the fix."""
 
 
+class MaskSizeError(DatasetError):
+    """A ground-truth mask whose aspect ratio differs from its image's."""
+
+
 class CorruptImageError(DatasetError):
     """An image or mask file that PIL cannot open or decode."""
 
@@ -268,11 +272,32 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
         top = 1.0
     mask = grey > top / 2.0
     if shape is not None and tuple(shape) != mask.shape:
+        (mh, mw), (h, w) = mask.shape, shape
+        if abs(mh * w - mw * h) > 0.02 * max(mh * w, mw * h):
+            raise MaskSizeError(f"mask {str(path)!r} is {mw}x{mh} but its image is {w}x{h} (another "
+                                f"aspect ratio): it cannot belong to this image. Fix or remove the mask.")
         warnings.warn(f"mask size {mask.shape[1]}x{mask.shape[0]} of {str(path)!r} differs from "
                       f"image size {shape[1]}x{shape[0]}; resized with nearest", stacklevel=2)
         im = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
         mask = np.asarray(im) > 127
     return mask
+
+
+def load_ground_truth(records: list[Record]) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """{id: bool mask at image size} for the records whose mask loads; the rest are listed as
+    (id, reason): no mask file, unreadable, or a size that cannot be fixed."""
+    masks, skipped = {}, []
+    for r in records:
+        if r.mask is None:
+            skipped.append((r.id, "no ground-truth mask"))
+            continue
+        try:
+            with Image.open(r.image) as im:
+                shape = (im.height, im.width)
+            masks[r.id] = load_mask(r.mask, shape)
+        except DatasetError as e:
+            skipped.append((r.id, str(e)))
+    return masks, skipped
 
 
 def check_images(records: list[Record], on_corrupt: str = "skip"

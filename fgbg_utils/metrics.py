@@ -18,6 +18,8 @@ class SegmentationMeter:
         self.tp = self.fp = self.fn = self.tn = np.int64(0)
         self.ious: list[float] = []
         self.dices: list[float] = []
+        self.box_inter = self.box_union = np.int64(0)
+        self.box_ious: list[float] = []
 
     def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
         """Add one image; pred and gt are bool arrays of equal shape."""
@@ -35,6 +37,10 @@ class SegmentationMeter:
         self.tn += tn
         self.ious.append(_div(tp, tp + fp + fn))  # both empty -> 1
         self.dices.append(_div(2 * tp, 2 * tp + fp + fn))
+        inter, union = box_overlap(pred, gt)
+        self.box_inter += inter
+        self.box_union += union
+        self.box_ious.append(_div(inter, union))
 
     def result(self) -> dict:
         """Pooled acc/iou/iou_bg/miou/precision/recall and per-image mean IoU/Dice."""
@@ -53,6 +59,8 @@ class SegmentationMeter:
             "dice_per_image": float(np.mean(self.dices)),
             "precision": _div(tp, tp + fp),
             "recall": _div(tp, tp + fn),
+            "box_iou": _div(int(self.box_inter), int(self.box_union)),
+            "box_iou_per_image": float(np.mean(self.box_ious)),
         }
 
 
@@ -121,6 +129,15 @@ def box_image(boxes: Iterable[tuple[int, int, int, int]], h: int, w: int) -> np.
     for y0, x0, y1, x1 in boxes:
         out[max(int(y0), 0) : int(y1), max(int(x0), 0) : int(x1)] = True
     return out
+
+
+def box_overlap(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
+    """(intersection, union) in pixels of the tight boxes around pred and gt foreground (an empty
+    mask has no box). For box-only ground truth (a union of boxes) use `bbox_iou`."""
+    h, w = pred.shape
+    boxes = [box_from_mask(m) for m in (pred, gt)]
+    a, b = (box_image([bx] if bx else [], h, w) for bx in boxes)
+    return int(np.count_nonzero(a & b)), int(np.count_nonzero(a | b))
 
 
 def bbox_iou(pred_mask: np.ndarray, gt_boxes: Iterable[tuple[int, int, int, int]]) -> float:

@@ -43,6 +43,7 @@ SCHEMA: dict[str, Any] = {
         "splits": ((list,), ["train", "test"], "which splits the stages process"),
         "limit": ((int, type(None)), None, "at most this many images per split"),
         "on_corrupt": ((str,), "skip", "skip (warn and list) or error"),
+        "ground_truth": ((bool,), True, "read masks/ as ground truth (false: treat as unlabelled)"),
     },
     "attention": {
         "grid_steps": ((int,), 50, "DDIM grid size; T0 takes its lowest entries [P: 50]"),
@@ -83,6 +84,33 @@ SCHEMA: dict[str, Any] = {
         "postprocess": ((bool,), False, "binary closing + hole filling [C, off by default]"),
         "gmm_seed": ((int,), 0, "random_state of the GMM"),
     },
+    "synthesis": {
+        "n_images": ((int, type(None)), None, "synthetic images D' (null: as many as the train split) [I]"),
+        "guidance": ((float, int), 1.0, "concept guidance s of D' (1: plain y_f) [I: paper's FID at 1]"),
+        "steps": ((int,), 50, "DDIM steps [C]"),
+        "batch_size": ((int,), 16, "images per sampling batch"),
+        "background_images": ((int,), 16, "pure backgrounds sampled with y_b"),
+        "background_guidance": ((float, int), -2.0, "s of the pure backgrounds (< 0: away from y_f)"),
+        "sweep_scales": ((list,), [-2, -1, 0, 1, 2, 3, 5, 7.5], "scales of the guidance-sweep figure"),
+        "sweep_seeds": ((int,), 3, "seeds (rows) of the guidance-sweep figure"),
+        "disk_budget_gb": ((float, int), 20.0, "refuse n_images whose estimated outputs exceed this"),
+    },
+    "segmentation": {
+        "rows": ((list,), ["unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised"],
+                 "U-Net rows of Table 2 to train"),
+        "size": ((int,), 128, "input size (short side, crop) [C: 128]"),
+        "base_width": ((int,), 64, "width of the first level [C: 64]"),
+        "depth": ((int,), 4, "max-pool downs [C: 4]"),
+        "steps": ((int,), 12000, "Adam steps [C: 12,000]"),
+        "batch_size": ((int,), 32, "images per step [C: 32]"),
+        "lr": ((float, int), 2e-3, "Adam learning rate [C]"),
+        "lr_schedule": ((str,), "constant", "constant [C] or cosine (decays to 0; steadier last weights)"),
+        "threshold": ((float, int), 0.5, "decision threshold [C]"),
+        "hflip": ((bool,), True, "random horizontal flips [C]"),
+        "protocol": ((str,), "full", "full (original size) or center_crop (the official crop)"),
+        "seed": ((int,), 0, "weights, crops and batch order"),
+        "detector_area": ((float, int), 0.01, "object-free check: supervised U-Net area below this"),
+    },
     "evaluation": {
         "split": ((str,), "test", "split the metrics are reported on"),
         "auc_bins": ((int,), 10000, "bins of the streaming AUC-ROC"),
@@ -100,7 +128,10 @@ CHOICES = {
     "finetune.mode": ("full", "lora"),
     "finetune.mixed_precision": ("no", "bf16", "fp16"),
     "refinement.reference": ("roundtrip", "original"),
+    "segmentation.protocol": ("full", "center_crop"),
+    "segmentation.lr_schedule": ("constant", "cosine"),
 }
+SEG_ROWS = ("unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised")
 PATH_KEYS = ("run_dir", "dataset.root")
 
 
@@ -158,8 +189,17 @@ def _check(cfg: dict, source: str) -> None:
     for split in cfg["dataset"]["splits"]:
         if split not in ("train", "val", "test"):
             raise ParamsError(f"{source}: `dataset.splits` has {split!r}; use train, val or test.")
+    for row in cfg["segmentation"]["rows"]:
+        if row not in SEG_ROWS:
+            raise ParamsError(f"{source}: `segmentation.rows` has {row!r}; choose from {SEG_ROWS}.")
+    n_syn = cfg["synthesis"]["n_images"]
+    if n_syn is not None and n_syn < 0:
+        raise ParamsError(f"{source}: `synthesis.n_images` is {n_syn}; use >= 0 or null.")
     positive = [("dataset.n_train", 0), ("dataset.n_test", 0), ("dataset.image_size", 8),
-                ("attention.batch_rows", 1), ("attention.grid_steps", 1), ("evaluation.auc_bins", 2)]
+                ("attention.batch_rows", 1), ("attention.grid_steps", 1), ("evaluation.auc_bins", 2),
+                ("synthesis.steps", 1), ("synthesis.batch_size", 1), ("synthesis.background_images", 0),
+                ("segmentation.size", 8), ("segmentation.base_width", 1), ("segmentation.depth", 1),
+                ("segmentation.steps", 1), ("segmentation.batch_size", 1)]
     for key, low in positive:
         if _get(cfg, key) < low:
             raise ParamsError(f"{source}: `{key}` is {_get(cfg, key)}; it must be >= {low}.")

@@ -58,8 +58,8 @@ def update_stage(cfg: dict, stage: str, **fields) -> None:
     atomic_write_json(path, info)
 
 
-def require_stage(cfg: dict, stage: str, needed_by: str) -> dict:
-    path = Path(cfg["run_dir"]) / stage / "stage.json"
+def require_stage(cfg: dict, stage: str, needed_by: str, run_dir: str | Path | None = None) -> dict:
+    path = Path(run_dir or cfg["run_dir"]) / stage / "stage.json"
     if not path.exists() or not read_json(path).get("complete"):
         num = stage[:2]
         raise StageError(f"{needed_by} needs the outputs of stage {stage}, which are missing or "

@@ -52,20 +52,26 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def preflight(cfg: dict) -> None:
-    """Cheap checks before any notebook runs: dataset present, object word known to the model."""
+def preflight(cfg: dict, stages=()) -> None:
+    """Cheap checks before any notebook runs: dataset present, object word known to the model, an
+    evaluation split with images when stage 06 is to run."""
     from .data import load_dataset
     from .models import ModelError, load_tokenizer
     from .params import resolved_prompt
     from .tokens import prompt_positions
 
-    load_dataset(cfg)  # also generates the toy world
+    records, _ = load_dataset(cfg)  # also generates the toy world
     try:
         tok = load_tokenizer(cfg["model"]["path"], cfg["model"]["revision"])
     except (OSError, ValueError) as e:
         raise ModelError(f"`model.path`={cfg['model']['path']!r}: no tokenizer could be loaded "
                          f"({str(e).splitlines()[0]}). Use a diffusers folder or hub id.") from None
     prompt_positions(tok, resolved_prompt(cfg), [cfg["object"], *cfg["parts"]])
+    split = cfg["evaluation"]["split"]
+    if "06" in stages and not any(r.split == split for r in records):
+        raise ParamsError(f"stage 06 evaluates on `evaluation.split`={split!r}, which has no images "
+                          f"(dataset.splits={cfg['dataset']['splits']}). Add it to dataset.splits, "
+                          f"give the dataset {split} images, or run --stages without 06.")
 
 
 def run(params_file: str, sets=(), stages: str | None = None, out: str | None = None,
@@ -76,7 +82,7 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
     cfg = load_params(params_file, sets, run_dir=out)
     order = parse_stages(stages)
     if any(s != "00" for s in order):
-        preflight(cfg)
+        preflight(cfg, order)
     run_dir = Path(cfg["run_dir"])
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "params.yaml"
@@ -116,33 +122,44 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
 METRIC_COLUMNS = ("auc_roc", "acc", "iou", "miou", "iou_per_image", "dice_per_image")
 
 
-def metrics_rows(run_dir: str | Path, stages=("02", "04")) -> list[tuple[str, dict]]:
-    """(row name, metrics) for the metrics files of the run, in stage order."""
+def metrics_rows(run_dir: str | Path, stages=("02", "04", "06")) -> list[tuple[str, dict]]:
+    """(row name, metrics) for the metrics files of the run, in stage order. Stage 06's table holds
+    the direct masks too, so when it is there stage 04's rows are not repeated."""
     rows = []
     mdir = Path(run_dir) / "metrics"
-    s02 = mdir / "02_binarization.json"
+    s02, s04, s06 = (mdir / f"{STAGES[k]}.json" for k in ("02", "04", "06"))
+    has06 = s06.exists() and "06" in stages
     if s02.exists() and "02" in stages:
         m = json.loads(s02.read_text())
         if "iou" in m:
             rows.append(("M_pre (stage 02)", m))
             for name, b in m.get("baselines", {}).items():
                 rows.append((f"baseline: {name}", b))
-    s04 = mdir / "04_refinement.json"
-    if s04.exists() and "04" in stages:
+    if s04.exists() and "04" in stages and not has06:
         m = json.loads(s04.read_text())
         for key, name in (("m_crop", "M_crop (stage 04 baseline)"), ("refined", "M (stage 04)")):
             if key in m:
                 rows.append((name, m[key]))
+    if has06:
+        from .stage_evaluation import ROW_LABELS, ROWS
+        m = json.loads(s06.read_text())
+        for key in ROWS:
+            if key in m.get("rows", {}):
+                rows.append((f"{ROW_LABELS[key]} (stage 06)",
+                             {**m["rows"][key], "paper_cub_iou": m.get("paper_cub_iou", {}).get(key)}))
     return rows
 
 
-def metrics_table(run_dir: str | Path, stages=("02", "04")) -> str:
+def metrics_table(run_dir: str | Path, stages=("02", "04", "06")) -> str:
     rows = metrics_rows(run_dir, stages)
     if not rows:
         return "(no metrics with ground truth in this run)"
-    head = "| " + " | ".join(["row", *METRIC_COLUMNS]) + " |"
-    lines = [head, "|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+    paper = any(m.get("paper_cub_iou") is not None for _, m in rows)
+    cols = ["row", *METRIC_COLUMNS] + (["paper CUB IoU"] if paper else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, m in rows:
         cells = [f"{m[c]:.3f}" if isinstance(m.get(c), (int, float)) else "–" for c in METRIC_COLUMNS]
+        if paper:
+            cells.append(f"{m['paper_cub_iou']:.1f}" if m.get("paper_cub_iou") is not None else "")
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)

@@ -82,6 +82,7 @@ class SegConfig:
     steps: int = 12000
     batch_size: int = 32
     lr: float = 2e-3           # Adam
+    lr_schedule: str = "constant"  # constant (paper) or cosine (decay to 0: a steadier last iterate)
     seed: int = 0
     threshold: float = 0.5
     hflip: bool = True
@@ -260,6 +261,11 @@ def train_segnet(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg:
     data = prepare_training_data(images, masks, cfg.size)
     model = build_model(cfg).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule={cfg.lr_schedule!r}; use constant or cosine")
+    factor = (lambda k: 0.5 * (1 + math.cos(math.pi * k / cfg.steps))) if cfg.lr_schedule == "cosine" \
+        else (lambda k: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     curve: list[float] = []
     steps = range(cfg.steps)
     if progress:
@@ -273,6 +279,7 @@ def train_segnet(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         curve.append(float(loss.detach()))
         if not math.isfinite(curve[-1]):
             raise FloatingPointError(f"segmentation loss became {curve[-1]} at step {step}; "

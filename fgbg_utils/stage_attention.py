@@ -23,7 +23,8 @@ def stage_params(cfg: dict) -> dict:
     from .data import toy_generator_params
 
     toy = toy_generator_params(cfg) if cfg["dataset"]["kind"] == "toy" else None
-    return {**{k: cfg[k] for k in keys}, "model": cfg["model"], "dataset": cfg["dataset"],
+    dataset = {k: v for k, v in cfg["dataset"].items() if k != "ground_truth"}  # no effect on M̂
+    return {**{k: cfg[k] for k in keys}, "model": cfg["model"], "dataset": dataset,
             "toy_generator": toy, "attention": cfg["attention"]}
 
 

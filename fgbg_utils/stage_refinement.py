@@ -35,24 +35,28 @@ def load_refined(cfg: dict, image_id: str, kind: str = "refined") -> np.ndarray:
     return np.asarray(Image.open(out_path(cfg, kind, image_id))) > 127
 
 
-def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
-    """Inpaint, difference, binarize and AND for every image of stage 01; then score."""
+def run(cfg: dict, force: bool = False, progress: bool = True, finetune_run: str | Path | None = None
+        ) -> dict:
+    """Inpaint, difference, binarize and AND for every image of stage 01; then score.
+    `finetune_run`: the run folder holding stage 03 (default: cfg's run folder; stage 05 passes
+    the real run when it refines the synthetic images)."""
+    finetune_run = Path(finetune_run or cfg["run_dir"])
     s02 = require_stage(cfg, STAGE02, "stage 04 (refinement)")
-    s03 = require_stage(cfg, STAGE03, "stage 04 (refinement)")
+    s03 = require_stage(cfg, STAGE03, "stage 04 (refinement)", run_dir=finetune_run)
     rcfg = cfg["refinement"]
     out_dir = open_stage(cfg, STAGE, {"from": [s02["fingerprint"], s03["fingerprint"]], **rcfg,
                                       "seed": cfg["seed"]}, force)
     from .finetune import load_finetuned
 
     base = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], cfg["dtype"])
-    tuned = load_finetuned(base, Path(cfg["run_dir"]) / STAGE03)
+    tuned = load_finetuned(base, finetune_run / STAGE03)
     pipe = make_inpaint_pipeline(tuned)
     summary01 = read_json(Path(cfg["run_dir"]) / STAGE01 / "summary.json")
     records = {r.id: r for r in load_dataset(cfg)[0]}
     ids = [i for i in summary01["images"] if force or not out_path(cfg, "refined", i).exists()]
     info_path = out_dir / "gmm.json"
     gmm = read_json(info_path) if info_path.exists() and not force else {}
-    bar = tqdm(total=len(ids), desc="04 refinement", unit="img", disable=not progress)
+    bar = tqdm(total=len(ids), desc="04 refinement", unit="img", disable=not progress or not ids)
     for start in range(0, len(ids), rcfg["batch_size"]):
         group = ids[start:start + rcfg["batch_size"]]
         gmm.update(_refine_group(cfg, base, tuned, pipe, [records[i] for i in group]))

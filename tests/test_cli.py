@@ -67,3 +67,16 @@ def test_bad_model_path(tmp_path, capsys):
     code, err = run_cli(["run", TOY, "--set", f"model.path={tmp_path / 'no-model'}",
                          "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "model.path" in err
+
+
+def test_empty_evaluation_split_refused_before_work(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, err = run_cli(["run", TOY, "--set", "dataset.splits=[train]", "--set", "dataset.n_train=2",
+                         "--out", str(out)], capsys)
+    assert code == 2 and "`evaluation.split`='test'" in err and "dataset.splits" in err
+    assert not (out / "01_attention_maps").exists()
+
+
+def test_report_of_an_empty_folder(tmp_path, capsys):
+    code, err = run_cli(["report", str(tmp_path)], capsys)
+    assert code == 2 and "no executed notebooks" in err

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgbg_utils.datasets import (CorruptImageError, DatasetError, check_images, load_image,
-                                 load_mask, load_records, write_toy_dataset)
+from fgbg_utils.datasets import (CorruptImageError, DatasetError, MaskSizeError, check_images,
+                                 load_ground_truth, load_image, load_mask, load_records,
+                                 write_toy_dataset)
 
 
 def _img(path, h=8, w=8, value=100):
@@ -122,8 +123,23 @@ def test_masks(tmp_path):
     m[:2] = 255
     Image.fromarray(m).save(tmp_path / "small.png")
     with pytest.warns(UserWarning, match="small.png.*differs from image size"):
-        big = load_mask(tmp_path / "small.png", shape=(8, 6))
-    assert big.shape == (8, 6) and big[:4].all() and not big[4:].any()
+        big = load_mask(tmp_path / "small.png", shape=(8, 8))
+    assert big.shape == (8, 8) and big[:4].all() and not big[4:].any()
+    with pytest.raises(MaskSizeError, match="small.png.*4x4.*6x8.*aspect ratio"):
+        load_mask(tmp_path / "small.png", shape=(8, 6))
+
+
+def test_load_ground_truth_lists_what_it_skips(tmp_path):
+    root = _folder(tmp_path / "d", n=4)
+    (root / "masks").mkdir()
+    for i in (0, 1, 3):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "masks" / f"im{i:02d}.png")
+    Image.fromarray(np.zeros((5, 9), np.uint8)).save(root / "masks" / "im01.png")  # other aspect
+    records = load_records("folder", root)
+    masks, skipped = load_ground_truth(records)
+    assert sorted(masks) == [records[0].id, records[3].id]
+    reasons = dict(skipped)
+    assert "aspect ratio" in reasons[records[1].id] and reasons[records[2].id] == "no ground-truth mask"
 
 
 def test_corrupt_images(tmp_path):

@@ -1,0 +1,117 @@
+"""Figures and tables of stages 05 (synthesis) and 06 (evaluation)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+
+from .io import read_json
+
+
+def _grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str] | None = None,
+          size: float = 1.2):
+    n_r, n_c = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_r, n_c, figsize=(size * n_c, size * n_r + 0.3), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(n_c):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c < len(row):
+                img = row[c]
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 2 else None)
+            else:
+                ax.axis("off")
+            if r == 0 and col_labels:
+                ax.set_title(col_labels[c], fontsize=8)
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def guidance_sweep(cfg: dict):
+    """The paper's Fig. 8: one row per seed, s from background (left) to strong objects (right)."""
+    with np.load(Path(cfg["run_dir"]) / "05_synthesis" / "guidance_sweep.npz") as z:
+        images, scales = z["images"], z["scales"]
+    return _grid([list(row) for row in images], [f"seed {k}" for k in range(len(images))],
+                 [f"s = {s:g}" for s in scales])
+
+
+def _checker(h: int, w: int, cell: int = 8) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 0.85, 0.65) * np.ones(3)
+
+
+def synthetic_rows(cfg: dict, n: int = 6):
+    """Columns: D', D'_m, D'_f (over a checkerboard) and D'_b, for the first n synthetic images."""
+    root = Path(cfg["run_dir"]) / "05_synthesis"
+    ids = sorted(p.stem for p in (root / "dataset" / "masks").glob("*.png"))[:n]
+    rows = []
+    for i in ids:
+        img = np.asarray(Image.open(root / "dataset" / "images" / f"{i}.png").convert("RGB")) / 255
+        mask = np.asarray(Image.open(root / "dataset" / "masks" / f"{i}.png")) > 127
+        rgba = np.asarray(Image.open(root / "foregrounds" / f"{i}.png")) / 255
+        cut = rgba[..., :3] * rgba[..., 3:] + _checker(*mask.shape) * (1 - rgba[..., 3:])
+        back = np.asarray(Image.open(root / "backgrounds" / f"{i}.png").convert("RGB")) / 255
+        rows.append([img, mask.astype(float), cut, back])
+    return _grid(rows, ids, ["D'", "D'_m", "D'_f", "D'_b"])
+
+
+def pure_backgrounds(cfg: dict, n: int = 8):
+    folder = Path(cfg["run_dir"]) / "05_synthesis" / "pure_backgrounds"
+    files = sorted(folder.glob("*.png"))[:n]
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    s = cfg["synthesis"]["background_guidance"]
+    return _grid([images], [f"y_b, s = {s:g}"]) if images else None
+
+
+def table(cfg: dict) -> str:
+    """Stage 06's rows beside the paper's CUB IoU (Table 2), as text."""
+    from .stage_evaluation import ROW_LABELS, ROWS
+
+    m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+    cols = ("acc", "iou", "miou", "iou_per_image", "dice_per_image", "box_iou")
+    lines = [f"{'row':<20}" + "".join(f"{c:>15}" for c in cols) + f"{'paper CUB IoU':>15}"]
+    for key in ROWS:
+        row = m["rows"].get(key)
+        if row is None:
+            continue
+        paper = m["paper_cub_iou"].get(key)
+        lines.append(f"{ROW_LABELS[key]:<20}" + "".join(f"{row[c]:>15.3f}" for c in cols)
+                     + (f"{paper:>15.1f}" if paper is not None else ""))
+    return "\n".join(lines)
+
+
+def training_curves(cfg: dict):
+    m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for key, info in m["training"].items():
+        curve = np.asarray(info["loss_curve"])
+        k = max(1, len(curve) // 50)
+        smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(k, len(curve) + 1), smooth, label=key)
+    ax.set_xlabel("step"), ax.set_ylabel("BCE (running mean)"), ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def best_worst(cfg: dict, row: str, best: int = 3, worst: int = 3):
+    """Image, ground truth and the row's prediction for its best and worst test images."""
+    from .data import load_dataset
+    from .datasets import load_image, load_mask
+
+    m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+    ious = m["rows"][row]["per_image_iou"]
+    order = sorted(ious, key=ious.get)
+    pick = order[::-1][:best] + order[:worst]
+    records = {r.id: r for r in load_dataset(cfg)[0]}
+    pred_dir = Path(cfg["run_dir"]) / "06_evaluation" / "predictions" / row
+    rows = []
+    for i in pick:
+        img = load_image(records[i].image)
+        pred = np.asarray(Image.open(pred_dir / f"{i}.png")) > 127 if (pred_dir / f"{i}.png").exists() else None
+        gt = load_mask(records[i].mask, img.shape[:2])
+        rows.append([img, gt.astype(float)] + ([pred.astype(float)] if pred is not None else []))
+    return _grid(rows, [f"{i} IoU {ious[i]:.2f}" for i in pick], ["image", "ground truth", row])

@@ -1,0 +1,254 @@
+"""Stage 06: the evaluation of the paper's Table 2 (METHOD §2.6). Segmentation U-Nets trained on
+(D, M_pre), D_s = (D, M), D_s ∪ D'_s and, for reference, on ground truth; each is scored on the
+held-out split beside the direct masks M_pre, M_crop and M."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .data import load_dataset
+from .datasets import load_ground_truth, load_image
+from .frame import canvas_to_original
+from .io import atomic_save_png, atomic_write_json, read_json
+from .run_folder import StageError, metrics_path, open_stage, require_stage, update_stage
+from .segnet import SegConfig, build_model, center_crop_pair, predict, predict_center_crop, train_segnet
+
+STAGE = "06_evaluation"
+STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
+ROWS = ("M_pre", "M_crop", "unet_M_pre", "M", "unet_D_s", "unet_D_s_plus_synth", "supervised")
+PAPER_CUB_IOU = {"M_pre": 29.0, "M_crop": 30.7, "unet_M_pre": 66.5, "M": 63.6, "unet_D_s": 75.1,
+                 "unet_D_s_plus_synth": 77.2, "supervised": 88.3}
+ROW_LABELS = {"M_pre": "M_pre", "M_crop": "M_crop", "unet_M_pre": "U-Net(D, M_pre)", "M": "M",
+              "unet_D_s": "U-Net(D_s)", "unet_D_s_plus_synth": "U-Net(D_s ∪ D'_s)",
+              "supervised": "supervised"}
+
+
+def seg_config(cfg: dict) -> SegConfig:
+    s = cfg["segmentation"]
+    return SegConfig(size=s["size"], base_width=s["base_width"], depth=s["depth"], steps=s["steps"],
+                     batch_size=s["batch_size"], lr=float(s["lr"]),
+                     lr_schedule=s["lr_schedule"], seed=s["seed"],
+                     threshold=float(s["threshold"]), hflip=s["hflip"], device=cfg["device"],
+                     log_every=max(1, s["steps"] // 10))
+
+
+def _splits(cfg: dict):
+    records, _ = load_dataset(cfg)
+    split = cfg["evaluation"]["split"]
+    test = [r for r in records if r.split == split]
+    train = [r for r in records if r.split == "train"]
+    if not test:
+        raise StageError(f"the evaluation split `evaluation.split`={split!r} has no images. Add it to "
+                         f"`dataset.splits`, give the dataset {split} images (split.csv, or "
+                         f"dataset.test_fraction > 0), or set evaluation.split.")
+    if not train:
+        raise StageError("stage 06 found no training images; add `train` to `dataset.splits`.")
+    return train, test
+
+
+def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dict:
+    """Train the requested U-Nets (a finished one is loaded, not retrained) and score all rows."""
+    rows = list(cfg["segmentation"]["rows"])
+    fps = [require_stage(cfg, s, "stage 06 (evaluation)")["fingerprint"] for s in (STAGE02, STAGE04)]
+    if "unet_D_s_plus_synth" in rows:
+        fps.append(require_stage(cfg, STAGE05, "stage 06 (U-Net on D_s ∪ D'_s)")["fingerprint"])
+    train, test = _splits(cfg)
+    out = open_stage(cfg, STAGE, {"from": fps, "segmentation": cfg["segmentation"],
+                                  "split": cfg["evaluation"]["split"]}, force)
+    if force:
+        import shutil
+        for sub in ("models", "predictions"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    gt_test, skipped_test = load_ground_truth(test)
+    gt_train, skipped_train = load_ground_truth(train) if "supervised" in rows else ({}, [])
+    frames = _frames(cfg, [r.id for r in train + test])
+    images = {r.id: load_image(r.image) for r in train + test}
+    result = {"split": cfg["evaluation"]["split"], "n_train": len(train), "n_test": len(test),
+              "n_test_scored": len(gt_test), "protocol": cfg["segmentation"]["protocol"],
+              "test_without_ground_truth": [{"id": i, "reason": why} for i, why in skipped_test],
+              "paper_cub_iou": PAPER_CUB_IOU, "segmentation": cfg["segmentation"],
+              "seed": cfg["seed"], "rows": {}, "training": {}, "skipped_rows": {}}
+    if skipped_test:
+        log(f"stage 06: {len(skipped_test)} test image(s) have no usable ground truth and are not "
+            f"scored: {', '.join(i for i, _ in skipped_test[:10])}{' …' if len(skipped_test) > 10 else ''}")
+    scorer = _Scorer(cfg, gt_test, images)
+    direct = {"M_pre": lambda i: _mpre(cfg, i, frames[i]),
+              "M_crop": lambda i: _stage04(cfg, i, frames[i], "m_crop"),
+              "M": lambda i: _stage04(cfg, i, frames[i], "refined")}
+    sets = _training_sets(cfg, rows, train, frames, images, gt_train, skipped_train, result)
+    for row in ROWS:
+        if row in direct:
+            scorer.score_masks(row, direct[row])
+        elif row in sets:
+            model, info = _train_or_load(cfg, out, row, *sets[row], log, progress)
+            result["training"][row] = info
+            scorer.score_model(row, model, out / "predictions" / row)
+            if row == "supervised":
+                result["object_free_check"] = object_free_check(cfg, model, images, gt_test)
+    result["rows"] = scorer.results()
+    if not gt_test:
+        result["note"] = (f"no test image has usable ground truth: the networks were trained and "
+                          f"saved, metrics skipped ({len(skipped_test)} images listed)")
+        log(f"stage 06: {result['note']}")
+    result["ordering"] = ordering(result["rows"])
+    atomic_write_json(metrics_path(cfg, STAGE), result)
+    update_stage(cfg, STAGE, complete=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- masks of the run
+def _frames(cfg: dict, ids) -> dict:
+    from .stage_attention import load_map
+    return {i: load_map(cfg, i)["frame"] for i in ids}
+
+
+def _mpre(cfg, image_id, frame) -> np.ndarray:
+    from .stage_binarization import load_mpre
+    return canvas_to_original(load_mpre(cfg, image_id), frame, "mask")
+
+
+def _stage04(cfg, image_id, frame, kind) -> np.ndarray:
+    from .stage_refinement import load_refined
+    return canvas_to_original(load_refined(cfg, image_id, kind), frame, "mask")
+
+
+def _training_sets(cfg, rows, train, frames, images, gt_train, skipped_train, result) -> dict:
+    """{row: (images, masks)} of the requested U-Net rows; rows that cannot train are listed."""
+    imgs = [images[r.id] for r in train]
+    sets = {}
+    if "unet_M_pre" in rows:
+        sets["unet_M_pre"] = (imgs, [_mpre(cfg, r.id, frames[r.id]) for r in train])
+    if {"unet_D_s", "unet_D_s_plus_synth"} & set(rows):
+        d_s = [_stage04(cfg, r.id, frames[r.id], "refined") for r in train]
+        if "unet_D_s" in rows:
+            sets["unet_D_s"] = (imgs, d_s)
+        if "unet_D_s_plus_synth" in rows:
+            from .stage_synthesis import load_pairs
+            syn_images, syn_masks = load_pairs(cfg)
+            sets["unet_D_s_plus_synth"] = (imgs + syn_images, d_s + syn_masks)
+    if "supervised" in rows:
+        if gt_train:
+            ids = [r.id for r in train if r.id in gt_train]
+            sets["supervised"] = ([images[i] for i in ids], [gt_train[i] for i in ids])
+            if skipped_train:
+                result["supervised_train_without_ground_truth"] = [i for i, _ in skipped_train]
+        else:
+            result["skipped_rows"]["supervised"] = "no training image has a ground-truth mask"
+    return sets
+
+
+# ----------------------------------------------------------------------------- training
+def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
+    from safetensors.torch import load_file, save_file
+
+    scfg = seg_config(cfg)
+    weights, info_path = out / "models" / f"{row}.safetensors", out / "models" / f"{row}.json"
+    if weights.exists() and info_path.exists():
+        model = build_model(scfg)
+        model.load_state_dict(load_file(str(weights)))
+        return model.to(_device(scfg)).eval(), read_json(info_path)
+    import time
+    t0 = time.time()
+    log(f"stage 06: training {ROW_LABELS[row]} on {len(images)} images ({scfg.steps} steps)")
+    model, curve = train_segnet(images, masks, scfg, log=log, progress=progress)
+    info = {"n_images": len(images), "steps": scfg.steps, "seconds": round(time.time() - t0, 1),
+            "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])), "loss_curve": curve,
+            "config": scfg.to_dict(), "seed": scfg.seed}
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=weights.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, weights)
+    atomic_write_json(info_path, info)
+    return model, info
+
+
+def _device(scfg: SegConfig):
+    from .segnet import _device as dev
+    return dev(scfg.device)
+
+
+# ----------------------------------------------------------------------------- scoring
+class _Scorer:
+    """Per-row SegmentationMeters under the configured protocol (full image or centre crop)."""
+
+    def __init__(self, cfg: dict, gt: dict, images: dict):
+        self.cfg, self.gt, self.images = cfg, gt, images
+        self.crop = cfg["segmentation"]["protocol"] == "center_crop"
+        self.size = cfg["segmentation"]["size"]
+        self.meters: dict[str, M.SegmentationMeter] = {}
+        self.per_image: dict[str, dict[str, float]] = {}
+
+    def _update(self, row: str, image_id: str, pred: np.ndarray, gt: np.ndarray) -> None:
+        meter = self.meters.setdefault(row, M.SegmentationMeter())
+        meter.update(pred, gt)
+        self.per_image.setdefault(row, {})[image_id] = meter.ious[-1]
+
+    def score_masks(self, row: str, mask_of) -> None:
+        for i, gt in self.gt.items():
+            pred = mask_of(i)
+            if self.crop:
+                _, gt = center_crop_pair(self.images[i], gt, self.size)
+                _, pred = center_crop_pair(self.images[i], pred, self.size)
+            self._update(row, i, pred, gt)
+
+    def score_model(self, row: str, model, pred_dir: Path) -> None:
+        scfg = seg_config(self.cfg)
+        ids = list(self.gt)
+        imgs = [self.images[i] for i in ids]
+        if self.crop:
+            preds, gts = predict_center_crop(model, imgs, [self.gt[i] for i in ids], scfg)
+        else:
+            preds, gts = predict(model, imgs, scfg), [self.gt[i] for i in ids]
+        for i, p, g in zip(ids, preds, gts):
+            atomic_save_png(pred_dir / f"{i}.png", p)
+            self._update(row, i, p, g)
+
+    def results(self) -> dict:
+        return {row: {**m.result(), "per_image_iou": self.per_image[row]}
+                for row, m in self.meters.items()}
+
+
+def ordering(rows: dict) -> dict:
+    """The paper's ordering M_pre < M < U-Net(D_s) ≤ U-Net(D_s ∪ D'_s) < supervised, per step."""
+    chain = [("M_pre", "<", "M"), ("M", "<", "unet_D_s"), ("unet_D_s", "<=", "unet_D_s_plus_synth"),
+             ("unet_D_s_plus_synth", "<", "supervised")]
+    out = {}
+    for a, op, b in chain:
+        if a in rows and b in rows:
+            x, y = rows[a]["iou"], rows[b]["iou"]
+            out[f"{a} {op} {b}"] = bool(x < y if op == "<" else x <= y)
+    out["holds"] = all(out.values()) if out else None
+    return out
+
+
+def object_free_check(cfg: dict, detector, images: dict, gt_test: dict) -> dict:
+    """Is the object absent from background samples? The supervised U-Net (trained on ground truth,
+    an independent detector) predicts each sample's foreground area; a sample counts as
+    object-free when that area is below segmentation.detector_area. Real test images give its
+    detection rate (the share of object images it flags), the stage-03 samples and stage-05 pure
+    backgrounds the shares of object-free samples."""
+    scfg = seg_config(cfg)
+    thr = float(cfg["segmentation"]["detector_area"])
+    area = lambda ims: np.array([p.mean() for p in predict(detector, list(ims), scfg)])
+    out = {"detector": "supervised U-Net", "area_threshold": thr}
+    real = [images[i] for i in gt_test]
+    if real:
+        out["real_test_detected"] = float((area(real) >= thr).mean())
+    samples = Path(cfg["run_dir"]) / "03_finetuning" / "samples.npz"
+    if samples.exists():
+        with np.load(samples) as z:
+            for key in z.files:
+                out[f"object_free_{key}"] = float((area(z[key]) < thr).mean())
+                out[f"n_{key}"] = int(len(z[key]))
+    bg = Path(cfg["run_dir"]) / STAGE05 / "pure_backgrounds"
+    if bg.is_dir():
+        files = sorted(bg.glob("*.png"))
+        if files:
+            out["object_free_pure_backgrounds"] = float((area(load_image(f) for f in files) < thr).mean())
+            out["n_pure_backgrounds"] = len(files)
+    return out

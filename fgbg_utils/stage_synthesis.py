@@ -1,0 +1,214 @@
+"""Stage 05: synthetic image/mask pairs D'_s from the fine-tuned model m' (METHOD §2.5).
+
+1. Sample D' with concept guidance ε̂ = ε(y_b) + s·(ε(y_f) − ε(y_b)) (`synthesis.sample_guided`).
+2. Repeat the pipeline on D': stage 01 with the *pretrained* m, stage 02, stage 04 with m'. It runs
+   in the sub-run folder `DIR/05_synthesis/pipeline/` with the same code as the real images.
+3. Export D'_s in the folder-dataset layout of real data (`dataset/images/<id>.png`,
+   `dataset/masks/<id>.png`, `dataset/split.csv`), plus D'_f (RGBA cut-outs, `foregrounds/`) and
+   D'_b (the object-removed inpaintings, `backgrounds/`).
+4. Pure backgrounds with y_b (`pure_backgrounds/`) and the guidance sweep of Fig. 8.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import models, seeds
+from .io import atomic_save_npz, atomic_save_png, atomic_write_json, atomic_write_text, read_json
+from .params import resolved_prompt
+from .run_folder import StageError, metrics_path, open_stage, require_stage, update_stage
+
+STAGE = "05_synthesis"
+STAGE02, STAGE03, STAGE04 = "02_binarization", "03_finetuning", "04_refinement"
+
+
+def stage_root(cfg: dict) -> Path:
+    return Path(cfg["run_dir"]) / STAGE
+
+
+def synthetic_ids(n: int) -> list[str]:
+    return [f"syn-{i:05d}" for i in range(n)]
+
+
+def n_images(cfg: dict) -> int:
+    """synthesis.n_images, or the size of the training split when it is null [METHOD §2.5, I]."""
+    n = cfg["synthesis"]["n_images"]
+    if n is not None:
+        return n
+    from .data import load_dataset
+    return sum(r.split == "train" for r in load_dataset(cfg)[0])
+
+
+def bytes_per_image(resolution: int, latent: int) -> int:
+    """Upper bound of the outputs kept per synthetic image (raw, before PNG/npz compression): the
+    image, D'_b, the RGBA cut-out, five masks/maps at image size and stage 01's M̂ arrays."""
+    r2 = resolution * resolution
+    return r2 * (3 + 3 + 4 + 5) + latent * latent * 4 * 4
+
+
+def check_disk_budget(cfg: dict, n: int, resolution: int, latent: int) -> dict:
+    """Refuse up front when n synthetic images would exceed synthesis.disk_budget_gb or the free
+    space of the run folder's disk."""
+    need = n * bytes_per_image(resolution, latent) + cfg["synthesis"]["background_images"] * resolution ** 2 * 3
+    budget = cfg["synthesis"]["disk_budget_gb"] * 1024 ** 3
+    root = Path(cfg["run_dir"])
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    gb = lambda b: f"{b / 1024 ** 3:.2f} GB"
+    if need > budget:
+        raise StageError(f"synthesis.n_images={n} needs up to {gb(need)} at {resolution} px "
+                         f"({bytes_per_image(resolution, latent) / 1024 ** 2:.1f} MB per image), over "
+                         f"synthesis.disk_budget_gb={cfg['synthesis']['disk_budget_gb']}. Lower "
+                         f"synthesis.n_images or raise synthesis.disk_budget_gb.")
+    if need > free:
+        raise StageError(f"synthesis.n_images={n} needs up to {gb(need)} but only {gb(free)} are free "
+                         f"on the disk of {root}. Free space, lower synthesis.n_images, or use "
+                         f"another --out run folder.")
+    return {"estimated_bytes": need, "budget_bytes": budget, "free_bytes": free}
+
+
+def pipeline_cfg(cfg: dict) -> dict:
+    """The parameters of the pipeline rerun on D': same method settings, D' as an unlabelled
+    folder dataset (train split only), outputs in DIR/05_synthesis/pipeline."""
+    c = copy.deepcopy(cfg)
+    c["run_dir"] = str(stage_root(cfg) / "pipeline")
+    c["dataset"].update(kind="folder", root=str(stage_root(cfg) / "dataset"), splits=["train"],
+                        limit=None, ground_truth=False, on_corrupt="error")
+    c["attention"].update(sweep=False, keep_per_layer=False)  # only M̂ is needed
+    return c
+
+
+def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
+    """Sample D', run stages 01/02/04 on it, export D'_s, D'_f, D'_b; backgrounds and the sweep."""
+    from .finetune import load_finetuned
+
+    s03 = require_stage(cfg, STAGE03, "stage 05 (synthesis)")
+    s04 = require_stage(cfg, STAGE04, "stage 05 (synthesis)")  # its settings refine D' too
+    scfg = cfg["synthesis"]
+    n = n_images(cfg)
+    base = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], cfg["dtype"])
+    disk = check_disk_budget(cfg, n, base.resolution, base.latent_size)
+    root = open_stage(cfg, STAGE, {"from": [s03["fingerprint"], s04["fingerprint"]], **scfg,
+                                   "n_images": n, "seed": cfg["seed"]}, force)
+    if force:
+        for sub in ("dataset", "pipeline", "foregrounds", "backgrounds", "pure_backgrounds"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+    tuned = load_finetuned(base, Path(cfg["run_dir"]) / STAGE03)
+    y_f, y_b = resolved_prompt(cfg), cfg["background_prompt"]
+    ids = synthetic_ids(n)
+    _sample_missing(cfg, tuned, root / "dataset" / "images", ids, y_f, y_b, scfg["guidance"],
+                    "05-synthesis", progress, "05 D'")
+    _write_split(root / "dataset", ids)
+    bg_ids = [f"bg-{i:05d}" for i in range(scfg["background_images"])]
+    _sample_missing(cfg, tuned, root / "pure_backgrounds", bg_ids, y_f, y_b,
+                    scfg["background_guidance"], "05-background", progress, "05 backgrounds")
+    sweep_path = root / "guidance_sweep.npz"
+    if not sweep_path.exists():
+        _write_sweep(cfg, tuned, sweep_path, y_f, y_b)
+    del tuned
+    summary = {}
+    if ids:
+        summary = _run_pipeline(cfg, progress)
+        _export(cfg, ids, progress)
+    result = {"n_images": n, "guidance": scfg["guidance"], "steps": scfg["steps"],
+              "n_pure_backgrounds": len(bg_ids), "background_guidance": scfg["background_guidance"],
+              "seed": cfg["seed"], "disk": disk, **summary}
+    atomic_write_json(metrics_path(cfg, STAGE), result)
+    update_stage(cfg, STAGE, complete=True)
+    return result
+
+
+def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progress, desc) -> None:
+    """Sample the images of `ids` not yet in `folder` (one PNG each, written atomically); an image
+    depends only on its seed, so a resumed run gives the same images."""
+    from tqdm.auto import tqdm
+
+    from .synthesis import sample_guided
+
+    todo = [i for i in ids if not (folder / f"{i}.png").exists()]
+    bs = cfg["synthesis"]["batch_size"]
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo)
+    for start in range(0, len(todo), bs):
+        chunk = todo[start:start + bs]
+        images, _ = sample_guided(ldm, y_f, y_b, s, [seeds.derive_seed(cfg["seed"], stream, i) for i in chunk],
+                                  steps=cfg["synthesis"]["steps"], batch_size=bs)
+        for i, img in zip(chunk, images):
+            atomic_save_png(folder / f"{i}.png", (img * 255).round().astype(np.uint8))
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _write_split(root: Path, ids) -> None:
+    atomic_write_text(root / "split.csv", "id,split\n" + "".join(f"{i},train\n" for i in ids))
+
+
+def _write_sweep(cfg, ldm, path: Path, y_f, y_b) -> None:
+    from .synthesis import guidance_sweep
+
+    scfg = cfg["synthesis"]
+    scales = [float(v) for v in scfg["sweep_scales"]]
+    rows = [guidance_sweep(ldm, y_f, y_b, scales, seeds.derive_seed(cfg["seed"], "05-sweep", str(k)),
+                           steps=scfg["steps"], batch_size=scfg["batch_size"])
+            for k in range(scfg["sweep_seeds"])]
+    images = (np.stack(rows) * 255).round().astype(np.uint8) if rows else np.zeros((0, 0), np.uint8)
+    atomic_save_npz(path, images=images, scales=np.asarray(scales, np.float32))
+
+
+def _run_pipeline(cfg: dict, progress: bool) -> dict:
+    """Stages 01, 02, 04 on D' (each resumes by itself; a finished one is not rerun)."""
+    from . import stage_attention, stage_binarization, stage_refinement
+
+    pcfg = pipeline_cfg(cfg)
+    for stage, fn in ((stage_attention.STAGE, stage_attention.run),
+                      (stage_binarization.STAGE, stage_binarization.run)):
+        if not _complete(pcfg, stage):
+            fn(pcfg, progress=progress)
+    if not _complete(pcfg, STAGE04):
+        stage_refinement.run(pcfg, progress=progress, finetune_run=cfg["run_dir"])
+    gmm = read_json(Path(pcfg["run_dir"]) / STAGE02 / "gmm.json")
+    return {"degenerate_m_pre": sorted(k for k, v in gmm.items() if v.get("degenerate"))}
+
+
+def _complete(cfg: dict, stage: str) -> bool:
+    path = Path(cfg["run_dir"]) / stage / "stage.json"
+    return path.exists() and bool(read_json(path).get("complete"))
+
+
+def _export(cfg: dict, ids, progress: bool) -> None:
+    """D'_m = M' in the real layout (masks/<id>.png, image size), D'_f = RGBA cut-outs, D'_b."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .stage_attention import load_map
+    from .frame import canvas_to_original
+    from .stage_refinement import load_refined, out_path
+
+    pcfg = pipeline_cfg(cfg)
+    root = stage_root(cfg)
+    for i in tqdm(ids, desc="05 export", unit="img", disable=not progress):
+        if (root / "backgrounds" / f"{i}.png").exists():
+            continue
+        image = np.asarray(Image.open(root / "dataset" / "images" / f"{i}.png").convert("RGB"))
+        frame = load_map(pcfg, i)["frame"]
+        mask = canvas_to_original(load_refined(pcfg, i), frame, "mask")
+        rgba = np.concatenate([image, (mask * 255).astype(np.uint8)[..., None]], axis=2)
+        background = np.asarray(Image.open(out_path(pcfg, "background", i)).convert("RGB"))
+        atomic_save_png(root / "dataset" / "masks" / f"{i}.png", mask)
+        atomic_save_png(root / "foregrounds" / f"{i}.png", rgba)
+        atomic_save_png(root / "backgrounds" / f"{i}.png", background)  # last: marks the id done
+
+
+def load_pairs(cfg: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """D'_s as (images, bool masks) at image size, read back through the folder-dataset loader."""
+    from .datasets import load_image, load_mask, load_records
+
+    records = load_records("folder", stage_root(cfg) / "dataset")
+    missing = [r.id for r in records if r.mask is None]
+    if missing:
+        raise StageError(f"{len(missing)} synthetic image(s) have no mask yet, e.g. {missing[:3]}; "
+                         f"rerun stage 05 to finish them.")
+    images = [load_image(r.image) for r in records]
+    return images, [load_mask(r.mask, im.shape[:2]) for r, im in zip(records, images)]

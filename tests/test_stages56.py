@@ -1,0 +1,194 @@
+"""Stages 05-06 on a tiny toy run: synthetic pairs in the real dataset layout, a resumed stage 05
+gives the same images, Table 2 rows consistent with stages 02/04, missing ground truth skipped and
+listed, empty test split and disk budget refused up front, the HTML report."""
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgbg_utils import (load_params, stage_attention, stage_binarization, stage_evaluation,
+                        stage_finetune, stage_refinement, stage_synthesis)
+from fgbg_utils.datasets import load_mask, load_records
+from fgbg_utils.metrics import SegmentationMeter, box_overlap
+from fgbg_utils.params import PROJECT_ROOT
+from fgbg_utils.report import write_report
+from fgbg_utils.run_folder import StageError
+
+TOY = PROJECT_ROOT / "params" / "toy.yaml"
+TINY = {"dataset.n_train": 3, "dataset.n_test": 2, "T0": 5, "attention.sweep": False,
+        "finetune.max_train_steps": 2, "finetune.batch_size": 2, "finetune.eval_samples": 2,
+        "finetune.eval_steps": 2, "refinement.steps": 3,
+        "synthesis.n_images": 3, "synthesis.steps": 3, "synthesis.background_images": 2,
+        "synthesis.sweep_seeds": 1, "synthesis.sweep_scales": [-2, 1, 3],
+        "segmentation.size": 32, "segmentation.base_width": 4, "segmentation.depth": 2,
+        "segmentation.steps": 3, "segmentation.batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = load_params(TOY, TINY, run_dir=str(tmp_path_factory.mktemp("r56") / "run"))
+    for stage in (stage_attention, stage_binarization, stage_finetune, stage_refinement):
+        stage.run(cfg, progress=False)
+    s05 = stage_synthesis.run(cfg, progress=False)
+    s06 = stage_evaluation.run(cfg, progress=False, log=lambda m: None)
+    return cfg, s05, s06
+
+
+def test_synthetic_pairs_use_the_real_dataset_layout(run):
+    cfg, s05, _ = run
+    root = Path(cfg["run_dir"]) / "05_synthesis"
+    records = load_records("folder", root / "dataset")
+    assert [r.id for r in records] == ["syn-00000", "syn-00001", "syn-00002"]
+    for r in records:
+        assert r.split == "train" and r.mask is not None
+        image = np.asarray(Image.open(r.image))
+        raw = np.asarray(Image.open(r.mask))
+        assert raw.shape == image.shape[:2] and set(np.unique(raw)) <= {0, 255}
+        rgba = np.asarray(Image.open(root / "foregrounds" / f"{r.id}.png"))
+        assert rgba.shape == (*image.shape[:2], 4)
+        assert (rgba[..., 3] == raw).all() and (rgba[..., :3] == image).all()
+        assert (root / "backgrounds" / f"{r.id}.png").exists()
+    # D' masks come from the same pipeline: stage 01 with the pretrained model, stage 04 with m'
+    p01 = json.loads((root / "pipeline" / "01_attention_maps" / "stage.json").read_text())
+    assert p01["params"]["model"]["path"] == cfg["model"]["path"]
+    refined = stage_refinement.load_refined(stage_synthesis.pipeline_cfg(cfg), "syn-00001")
+    assert (refined == load_mask(records[1].mask)).all()
+    assert len(list((root / "pure_backgrounds").glob("*.png"))) == 2
+    with np.load(root / "guidance_sweep.npz") as z:
+        assert z["images"].shape[:2] == (1, 3) and z["scales"].tolist() == [-2, 1, 3]
+    assert s05["n_images"] == 3
+
+
+def test_resumed_synthesis_gives_the_same_images(run):
+    cfg, _, _ = run
+    root = Path(cfg["run_dir"]) / "05_synthesis"
+    before = np.asarray(Image.open(root / "dataset" / "images" / "syn-00002.png")).copy()
+    (root / "dataset" / "images" / "syn-00002.png").unlink()  # as if interrupted before it
+    stage_synthesis.run(cfg, progress=False)
+    after = np.asarray(Image.open(root / "dataset" / "images" / "syn-00002.png"))
+    assert (before == after).all()
+
+
+def test_table_rows_match_the_earlier_stages(run):
+    cfg, _, s06 = run
+    rows = s06["rows"]
+    assert set(rows) == set(stage_evaluation.ROWS)
+    for row in rows.values():
+        for k in ("acc", "iou", "miou", "iou_per_image", "dice_per_image", "box_iou"):
+            assert 0 <= row[k] <= 1
+    s02 = json.loads((Path(cfg["run_dir"]) / "metrics" / "02_binarization.json").read_text())
+    s04 = json.loads((Path(cfg["run_dir"]) / "metrics" / "04_refinement.json").read_text())
+    assert rows["M_pre"]["iou"] == pytest.approx(s02["iou"])
+    assert rows["M"]["iou"] == pytest.approx(s04["refined"]["iou"])
+    assert rows["M_crop"]["iou"] == pytest.approx(s04["m_crop"]["iou"])
+    assert s06["training"]["unet_D_s_plus_synth"]["n_images"] == 3 + 3
+    assert s06["n_test_scored"] == 2 and s06["test_without_ground_truth"] == []
+    saved = json.loads((Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json").read_text())
+    assert set(saved["rows"]) == set(rows) and "object_free_check" in saved
+    preds = list((Path(cfg["run_dir"]) / "06_evaluation" / "predictions" / "unet_D_s").glob("*.png"))
+    assert len(preds) == 2
+
+
+def test_rerun_loads_trained_networks(run):
+    cfg, _, s06 = run
+    again = stage_evaluation.run(cfg, progress=False, log=lambda m: None)
+    for row in ("unet_M_pre", "unet_D_s", "supervised"):
+        assert again["rows"][row]["iou"] == s06["rows"][row]["iou"]
+        assert again["training"][row]["seconds"] == s06["training"][row]["seconds"]
+
+
+def test_missing_ground_truth_is_skipped_and_listed(run, tmp_path):
+    cfg, _, s06 = run
+    data = tmp_path / "data"
+    src = load_records("folder", stage_synthesis.Path(_toy_root(cfg)))
+    shutil.copytree(_toy_root(cfg), data)
+    test_ids = [r.id for r in src if r.split == "test"]
+    train_ids = [r.id for r in src if r.split == "train"]
+    (data / "masks" / f"{test_ids[0]}.png").unlink()
+    (data / "masks" / f"{train_ids[0]}.png").unlink()
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg["run_dir"], run_dir)
+    other = load_params(TOY, {**TINY, "dataset.kind": "folder", "dataset.root": str(data)},
+                        run_dir=str(run_dir))
+    res = stage_evaluation.run(other, force=True, progress=False, log=lambda m: None)
+    assert res["test_without_ground_truth"] == [{"id": test_ids[0], "reason": "no ground-truth mask"}]
+    assert res["n_test_scored"] == 1 and res["rows"]["M"]["n_images"] == 1
+    assert res["supervised_train_without_ground_truth"] == [train_ids[0]]
+    assert res["training"]["supervised"]["n_images"] == len(train_ids) - 1
+    assert res["training"]["unet_D_s"]["n_images"] == len(train_ids)  # unlabelled data still trains
+
+
+def test_no_ground_truth_at_all_still_trains(run, tmp_path):
+    cfg, _, _ = run
+    data = tmp_path / "data"
+    shutil.copytree(_toy_root(cfg), data, ignore=shutil.ignore_patterns("masks"))
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg["run_dir"], run_dir)
+    other = load_params(TOY, {**TINY, "dataset.kind": "folder", "dataset.root": str(data)},
+                        run_dir=str(run_dir))
+    res = stage_evaluation.run(other, force=True, progress=False, log=lambda m: None)
+    assert res["rows"] == {} and "metrics skipped" in res["note"] and len(res["test_without_ground_truth"]) == 2
+    assert res["skipped_rows"] == {"supervised": "no training image has a ground-truth mask"}
+    assert (run_dir / "06_evaluation" / "models" / "unet_D_s_plus_synth.safetensors").exists()
+
+
+def _toy_root(cfg):
+    from fgbg_utils.data import dataset_root
+    return dataset_root(cfg)
+
+
+def test_empty_test_split_is_refused(run):
+    cfg, _, _ = run
+    bad = load_params(TOY, {**TINY, "dataset.splits": ["train"]}, run_dir=cfg["run_dir"])
+    with pytest.raises(StageError, match="evaluation.split.*'test' has no images"):
+        stage_evaluation.run(bad, progress=False)
+
+
+def test_disk_budget_is_checked_before_sampling(run, tmp_path):
+    cfg, _, _ = run
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg["run_dir"], run_dir, ignore=shutil.ignore_patterns("05_synthesis"))
+    big = load_params(TOY, {**TINY, "synthesis.n_images": 10**6, "synthesis.disk_budget_gb": 1},
+                      run_dir=str(run_dir))
+    with pytest.raises(StageError, match="synthesis.n_images=1000000 needs up to .*disk_budget_gb=1"):
+        stage_synthesis.run(big, progress=False)
+    assert not (run_dir / "05_synthesis").exists()
+
+
+def test_ordering_and_box_metrics():
+    rows = {k: {"iou": v} for k, v in
+            {"M_pre": 0.3, "M": 0.6, "unet_D_s": 0.7, "unet_D_s_plus_synth": 0.7, "supervised": 0.9}.items()}
+    assert stage_evaluation.ordering(rows)["holds"] is True
+    rows["unet_D_s_plus_synth"]["iou"] = 0.65
+    out = stage_evaluation.ordering(rows)
+    assert out["holds"] is False and out["unet_D_s <= unet_D_s_plus_synth"] is False
+    pred, gt = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    pred[1, 1] = pred[2, 4] = True      # box rows 1-2, cols 1-4: 8 px
+    gt[2:4, 3:5] = True                 # box rows 2-3, cols 3-4: 4 px; overlap row 2 cols 3-4
+    assert box_overlap(pred, gt) == (2, 10)
+    m = SegmentationMeter()
+    m.update(pred, gt)
+    m.update(np.zeros((8, 8), bool), np.zeros((8, 8), bool))  # both empty: box IoU 1
+    r = m.result()
+    assert r["box_iou"] == pytest.approx(2 / 10) and r["box_iou_per_image"] == pytest.approx((0.2 + 1) / 2)
+
+
+def test_report_holds_table_and_notebooks(run):
+    cfg, _, _ = run
+    nb_dir = Path(cfg["run_dir"]) / "notebooks"
+    with pytest.raises(StageError, match="no executed notebooks"):
+        write_report(cfg["run_dir"])
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Evaluation story"),
+                nbformat.v4.new_code_cell("print(42)", outputs=[
+                    nbformat.v4.new_output("stream", name="stdout", text="42\n")])]
+    nb_dir.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, nb_dir / "06_evaluation.ipynb")
+    path = write_report(cfg["run_dir"])
+    text = path.read_text()
+    assert "U-Net(D_s ∪ D&#x27;_s) (stage 06)" in text or "U-Net(D_s ∪ D'_s) (stage 06)" in text
+    assert "Evaluation story" in text and "88.3" in text
