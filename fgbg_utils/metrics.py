@@ -12,9 +12,13 @@ def _div(num: float, den: float, empty: float = 1.0) -> float:
 
 
 class SegmentationMeter:
-    """Pooled confusion counts plus per-image foreground IoU and Dice."""
+    """Pooled confusion counts plus per-image foreground IoU and Dice, and the IoU of boxes: the
+    tight box around the prediction vs the tight box around the ground truth, or, with
+    gt_is_boxes=True (datasets annotated with boxes, METHOD §4), vs the ground-truth box image
+    itself (the union of the annotated boxes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gt_is_boxes: bool = False) -> None:
+        self.gt_is_boxes = gt_is_boxes
         self.tp = self.fp = self.fn = self.tn = np.int64(0)
         self.ious: list[float] = []
         self.dices: list[float] = []
@@ -37,7 +41,7 @@ class SegmentationMeter:
         self.tn += tn
         self.ious.append(_div(tp, tp + fp + fn))  # both empty -> 1
         self.dices.append(_div(2 * tp, 2 * tp + fp + fn))
-        inter, union = box_overlap(pred, gt)
+        inter, union = box_overlap(pred, gt, self.gt_is_boxes)
         self.box_inter += inter
         self.box_union += union
         self.box_ious.append(_div(inter, union))
@@ -131,12 +135,18 @@ def box_image(boxes: Iterable[tuple[int, int, int, int]], h: int, w: int) -> np.
     return out
 
 
-def box_overlap(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
-    """(intersection, union) in pixels of the tight boxes around pred and gt foreground (an empty
-    mask has no box). For box-only ground truth (a union of boxes) use `bbox_iou`."""
+def box_overlap(pred: np.ndarray, gt: np.ndarray, gt_is_boxes: bool = False) -> tuple[int, int]:
+    """(intersection, union) in pixels of the tight box around pred's foreground and the tight box
+    around gt's (an empty mask has no box); with gt_is_boxes, gt is already a box image (a union of
+    annotated boxes) and is used as it is."""
     h, w = pred.shape
-    boxes = [box_from_mask(m) for m in (pred, gt)]
-    a, b = (box_image([bx] if bx else [], h, w) for bx in boxes)
+    box = box_from_mask(pred)
+    a = box_image([box] if box else [], h, w)
+    if gt_is_boxes:
+        b = np.asarray(gt, bool)
+    else:
+        gbox = box_from_mask(gt)
+        b = box_image([gbox] if gbox else [], h, w)
     return int(np.count_nonzero(a & b)), int(np.count_nonzero(a | b))
 
 

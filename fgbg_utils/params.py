@@ -113,6 +113,7 @@ SCHEMA: dict[str, Any] = {
     },
     "evaluation": {
         "split": ((str,), "test", "split the metrics are reported on"),
+        "ground_truth_kind": ((str,), "masks", "masks, or boxes (masks/ hold box images: box IoU vs them)"),
         "auc_bins": ((int,), 10000, "bins of the streaming AUC-ROC"),
         "figure_images": ((int,), 8, "images in figure grids"),
     },
@@ -130,6 +131,7 @@ CHOICES = {
     "refinement.reference": ("roundtrip", "original"),
     "segmentation.protocol": ("full", "center_crop"),
     "segmentation.lr_schedule": ("constant", "cosine"),
+    "evaluation.ground_truth_kind": ("masks", "boxes"),
 }
 SEG_ROWS = ("unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised")
 PATH_KEYS = ("run_dir", "dataset.root")

@@ -184,7 +184,8 @@ class _Scorer:
         self.per_image: dict[str, dict[str, float]] = {}
 
     def _update(self, row: str, image_id: str, pred: np.ndarray, gt: np.ndarray) -> None:
-        meter = self.meters.setdefault(row, M.SegmentationMeter())
+        boxes = self.cfg["evaluation"]["ground_truth_kind"] == "boxes"
+        meter = self.meters.setdefault(row, M.SegmentationMeter(gt_is_boxes=boxes))
         meter.update(pred, gt)
         self.per_image.setdefault(row, {})[image_id] = meter.ious[-1]
 

@@ -122,21 +122,23 @@ def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
 
 
 def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progress, desc) -> None:
-    """Sample the images of `ids` not yet in `folder` (one PNG each, written atomically); an image
-    depends only on its seed, so a resumed run gives the same images."""
+    """Sample the images of `ids` not yet in `folder` (one PNG each, written atomically). Batches
+    are fixed slices of `ids`, and a batch with any missing image is sampled whole, so a resumed
+    run computes every image in the same batch as the first run: the same images, bit for bit."""
     from tqdm.auto import tqdm
 
     from .synthesis import sample_guided
 
-    todo = [i for i in ids if not (folder / f"{i}.png").exists()]
     bs = cfg["synthesis"]["batch_size"]
-    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo)
-    for start in range(0, len(todo), bs):
-        chunk = todo[start:start + bs]
+    chunks = [ids[k:k + bs] for k in range(0, len(ids), bs)]
+    chunks = [c for c in chunks if any(not (folder / f"{i}.png").exists() for i in c)]
+    bar = tqdm(total=sum(map(len, chunks)), desc=desc, unit="img", disable=not progress or not chunks)
+    for chunk in chunks:
         images, _ = sample_guided(ldm, y_f, y_b, s, [seeds.derive_seed(cfg["seed"], stream, i) for i in chunk],
                                   steps=cfg["synthesis"]["steps"], batch_size=bs)
         for i, img in zip(chunk, images):
-            atomic_save_png(folder / f"{i}.png", (img * 255).round().astype(np.uint8))
+            if not (folder / f"{i}.png").exists():
+                atomic_save_png(folder / f"{i}.png", (img * 255).round().astype(np.uint8))
         bar.update(len(chunk))
     bar.close()
 

@@ -11,8 +11,9 @@ guidance off for s ≤ 1, hence this loop. It follows the pipeline step for step
 `scale_model_input`, `scheduler.step`, decode `latents / scaling_factor`, image = (x + 1) / 2 clamped
 to [0, 1]); a test checks that s = 1 reproduces the pipeline.
 
-Seeds: every image gets its own torch.Generator, so an image depends only on its seed, never on the
-batch it was sampled in.
+Seeds: every image gets its own torch.Generator, so its initial noise depends only on its seed,
+never on the batch. The result can still differ in the last bits with the batch composition (CPU
+kernels choose algorithms by batch size); stage 05 therefore resumes whole batches.
 """
 from __future__ import annotations
 

@@ -114,3 +114,12 @@ def test_predict_returns_original_sizes():
     imgs = [np.zeros((21, 47, 3), np.uint8), np.full((64, 30), 128, np.uint8)]
     out = segnet.predict(model, imgs, _tiny_cfg())
     assert [o.shape for o in out] == [(21, 47), (64, 30)] and all(o.dtype == bool for o in out)
+
+
+def test_cosine_schedule_differs_from_constant_and_bad_names_fail():
+    images, masks, _, _ = toy.generate_arrays(3, seed=2, size=32)
+    _, const = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=4))
+    _, cos = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=4, lr_schedule="cosine"))
+    assert const[0] == cos[0] and const[1:] != cos[1:]  # same first step (factor 1), then decays
+    with pytest.raises(ValueError, match="lr_schedule='linear'"):
+        segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=2, lr_schedule="linear"))

@@ -175,6 +175,11 @@ def test_ordering_and_box_metrics():
     m.update(np.zeros((8, 8), bool), np.zeros((8, 8), bool))  # both empty: box IoU 1
     r = m.result()
     assert r["box_iou"] == pytest.approx(2 / 10) and r["box_iou_per_image"] == pytest.approx((0.2 + 1) / 2)
+    # box-annotated ground truth (a union of two boxes) is used as it is, not boxed again
+    gt_boxes = np.zeros((8, 8), bool)
+    gt_boxes[0:2, 0:2] = gt_boxes[4:6, 4:6] = True
+    assert box_overlap(pred, gt_boxes, gt_is_boxes=True) == (1, 15)
+    assert box_overlap(pred, gt_boxes) == (8, 36)
 
 
 def test_report_holds_table_and_notebooks(run):
