@@ -33,7 +33,7 @@ def seg_config(cfg: dict) -> SegConfig:
                      batch_size=s["batch_size"], lr=float(s["lr"]),
                      lr_schedule=s["lr_schedule"], seed=s["seed"],
                      threshold=float(s["threshold"]), hflip=s["hflip"], device=cfg["device"],
-                     log_every=max(1, s["steps"] // 10))
+                     log_every=max(1, s["steps"] // 4))
 
 
 def _splits(cfg: dict):
