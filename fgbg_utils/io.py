@@ -11,6 +11,10 @@ import numpy as np
 from PIL import Image
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,6 +22,7 @@ def _atomic_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -58,6 +63,13 @@ def atomic_save_png(path, array: np.ndarray) -> Path:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return _atomic_bytes(path, buf.getvalue())
+
+
+def atomic_save_safetensors(path, tensors: dict) -> Path:
+    """A safetensors file written whole or not at all (never a pickle)."""
+    from safetensors.torch import save
+
+    return _atomic_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def read_json(path):

@@ -3,8 +3,6 @@
 held-out split beside the direct masks M_pre, M_crop and M."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ from . import metrics as M
 from .data import load_dataset
 from .datasets import load_ground_truth, load_image
 from .frame import canvas_to_original
-from .io import atomic_save_png, atomic_write_json, read_json
+from .io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
 from .run_folder import StageError, metrics_path, open_stage, require_stage, update_stage
 from .segnet import SegConfig, build_model, center_crop_pair, predict, predict_center_crop, train_segnet
 
@@ -143,7 +141,7 @@ def _training_sets(cfg, rows, train, frames, images, gt_train, skipped_train, re
 
 # ----------------------------------------------------------------------------- training
 def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     scfg = seg_config(cfg)
     weights, info_path = out / "models" / f"{row}.safetensors", out / "models" / f"{row}.json"
@@ -158,11 +156,7 @@ def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
     info = {"n_images": len(images), "steps": scfg.steps, "seconds": round(time.time() - t0, 1),
             "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])), "loss_curve": curve,
             "config": scfg.to_dict(), "seed": scfg.seed}
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=weights.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, weights)
+    atomic_save_safetensors(weights, model.state_dict())
     atomic_write_json(info_path, info)
     return model, info
 

@@ -1,8 +1,6 @@
 """Bad input through the CLI: a clear message naming the key/file and the fix, exit code 2, and no
 work done (no run folder written)."""
 import numpy as np
-import pytest
-import yaml
 from PIL import Image
 
 from fgbg_utils.cli import main

@@ -2,7 +2,6 @@
 written, hand-offs checked (a missing stage names the one to run), max_train_steps required."""
 import json
 
-import numpy as np
 import pytest
 
 from fgbg_utils import load_params, stage_attention, stage_binarization, stage_finetune, stage_refinement
