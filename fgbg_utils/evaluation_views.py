@@ -115,3 +115,64 @@ def best_worst(cfg: dict, row: str, best: int = 3, worst: int = 3):
         gt = load_mask(records[i].mask, img.shape[:2])
         rows.append([img, gt.astype(float)] + ([pred.astype(float)] if pred is not None else []))
     return _grid(rows, [f"{i} IoU {ious[i]:.2f}" for i in pick], ["image", "ground truth", row])
+
+
+def _row_masks(cfg: dict, image_id: str) -> dict:
+    """Every scored row's mask of one test image, at the image's size (U-Net rows from
+    06_evaluation/predictions, the direct rows from stages 02 and 04)."""
+    from . import stage_evaluation as se
+
+    frame = se._frames(cfg, [image_id])[image_id]
+    out = {"M_pre": se._mpre(cfg, image_id, frame), "M_crop": se._stage04(cfg, image_id, frame, "m_crop"),
+           "M": se._stage04(cfg, image_id, frame, "refined")}
+    pred_root = Path(cfg["run_dir"]) / "06_evaluation" / "predictions"
+    for row in se.ROWS:
+        f = pred_root / row / f"{image_id}.png"
+        if f.exists():
+            out[row] = np.asarray(Image.open(f)) > 127
+    return out
+
+
+def prediction_explorer(cfg: dict, interactive: bool = True):
+    """A dropdown over the scored test images (worst first by U-Net(D_s) IoU) showing the image,
+    its ground truth and every row's mask with its IoU. Headless it draws nothing (the best/worst
+    gallery above is the static view)."""
+    if not interactive:
+        return None
+    import ipywidgets as W
+    from IPython.display import display
+
+    from .data import load_dataset
+    from .datasets import load_image, load_mask
+    from .stage_evaluation import ROW_LABELS
+
+    m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+    if not m["rows"]:
+        print(m.get("note", "no rows were scored"))
+        return None
+    key = "unet_D_s" if "unet_D_s" in m["rows"] else next(iter(m["rows"]))
+    ious = m["rows"][key]["per_image_iou"]
+    records = {r.id: r for r in load_dataset(cfg)[0]}
+    image = W.Dropdown(options=sorted(ious, key=ious.get), description="image")
+    out = W.Output()
+
+    def redraw(*_):
+        i = image.value
+        img = load_image(records[i].image)
+        masks = _row_masks(cfg, i)
+        with out:
+            out.clear_output(wait=True)
+            panels = [("image", img), ("ground truth", load_mask(records[i].mask, img.shape[:2]))]
+            panels += [(f"{ROW_LABELS[k]} {m['rows'][k]['per_image_iou'].get(i, float('nan')):.2f}", v)
+                       for k, v in masks.items() if k in m["rows"]]
+            fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 2))
+            for ax, (title, arr) in zip(axes, panels):
+                ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
+                ax.set_title(title, fontsize=7)
+                ax.axis("off")
+            plt.show()
+
+    image.observe(redraw, names="value")
+    redraw()
+    display(W.VBox([image, out]))
+    return None

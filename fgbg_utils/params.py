@@ -93,7 +93,7 @@ SCHEMA: dict[str, Any] = {
         "background_guidance": ((float, int), -2.0, "s of the pure backgrounds (< 0: away from y_f)"),
         "sweep_scales": ((list,), [-2, -1, 0, 1, 2, 3, 5, 7.5], "scales of the guidance-sweep figure"),
         "sweep_seeds": ((int,), 3, "seeds (rows) of the guidance-sweep figure"),
-        "disk_budget_gb": ((float, int), 20.0, "refuse n_images whose estimated outputs exceed this"),
+        "disk_budget_gb": ((float, int), 50.0, "refuse n_images whose outputs could exceed this (raw upper bound; CUB: ~24 GB)"),
     },
     "segmentation": {
         "rows": ((list,), ["unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised"],

@@ -197,3 +197,21 @@ def test_report_holds_table_and_notebooks(run):
     text = path.read_text()
     assert "U-Net(D_s ∪ D&#x27;_s) (stage 06)" in text or "U-Net(D_s ∪ D'_s) (stage 06)" in text
     assert "Evaluation story" in text and "88.3" in text
+
+
+def test_views_of_stages_05_06(run):
+    import matplotlib
+    matplotlib.use("Agg")
+    from fgbg_utils import evaluation_views as views
+
+    cfg, _, s06 = run
+    image_id = next(iter(s06["rows"]["M"]["per_image_iou"]))
+    masks = views._row_masks(cfg, image_id)
+    assert set(masks) == set(stage_evaluation.ROWS)
+    assert all(m.shape == (64, 64) and m.dtype == bool for m in masks.values())
+    text = views.table(cfg)
+    assert all(label in text for label in stage_evaluation.ROW_LABELS.values())
+    for fig in (views.guidance_sweep(cfg), views.synthetic_rows(cfg, 2), views.best_worst(cfg, "unet_D_s", 1, 1)):
+        assert len(fig.axes) > 1
+    assert len(views.training_curves(cfg).axes[0].lines) == 4
+    assert views.prediction_explorer(cfg, interactive=False) is None

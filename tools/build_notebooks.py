@@ -497,6 +497,8 @@ if row:
     fig = views.best_worst(cfg, row, best=3, worst=3)
 else:
     print(result.get("note", "no rows were scored"))'''),
+    md("## Explore: every row's mask on one test image (interactive in JupyterLab)"),
+    code('''views.prediction_explorer(cfg, interactive=interactive)'''),
     md("""
 ## Are the background samples object-free?
 
@@ -515,6 +517,8 @@ print({k: round(v, 3) if isinstance(v, float) else v for k, v in check.items() i
 def write(name, cells):
     nb = nbf.v4.new_notebook()
     nb.cells = cells
+    for k, cell in enumerate(nb.cells):  # stable ids: a rebuild changes only what changed
+        cell["id"] = f"{Path(name).stem[:2]}-{k:02d}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nbf.write(nb, HERE / name)
@@ -531,9 +535,17 @@ def execute(name):
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        cell.outputs = [o for o in cell.outputs
-                        if not (o.output_type == "stream" and o.name == "stderr")
-                        and "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+        cell.metadata.pop("execution", None)  # timestamps: noise in diffs
+        kept = [o for o in cell.outputs
+                if not (o.output_type == "stream" and o.name == "stderr")
+                and "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+        cell.outputs = []
+        for o in kept:  # one stream output per run of prints, however the kernel chunked them
+            last = cell.outputs[-1] if cell.outputs else None
+            if last is not None and o.output_type == last.output_type == "stream" and o.name == last.name:
+                last.text += o.text
+            else:
+                cell.outputs.append(o)
     nb.metadata.pop("widgets", None)
     nbf.write(nb, path)
 
