@@ -11,6 +11,7 @@ from . import metrics as M
 from .data import load_dataset
 from .datasets import load_ground_truth, load_image
 from .frame import canvas_to_original
+from .lazy import LazySequence
 from .io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
 from .run_folder import StageError, metrics_path, open_stage, require_stage, update_stage
 from .segnet import SegConfig, build_model, center_crop_pair, predict, predict_center_crop, train_segnet
@@ -64,7 +65,8 @@ def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dic
     gt_test, skipped_test = load_ground_truth(test)
     gt_train, skipped_train = load_ground_truth(train) if "supervised" in rows else ({}, [])
     frames = _frames(cfg, [r.id for r in train + test])
-    images = {r.id: load_image(r.image) for r in train + test}
+    by_id = {r.id: r for r in train + test}
+    image_of = lambda i: load_image(by_id[i].image)  # noqa: E731 (images are loaded when used)
     result = {"split": cfg["evaluation"]["split"], "n_train": len(train), "n_test": len(test),
               "n_test_scored": len(gt_test), "protocol": cfg["segmentation"]["protocol"],
               "test_without_ground_truth": [{"id": i, "reason": why} for i, why in skipped_test],
@@ -73,11 +75,11 @@ def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dic
     if skipped_test:
         log(f"stage 06: {len(skipped_test)} test image(s) have no usable ground truth and are not "
             f"scored: {', '.join(i for i, _ in skipped_test[:10])}{' …' if len(skipped_test) > 10 else ''}")
-    scorer = _Scorer(cfg, gt_test, images)
+    scorer = _Scorer(cfg, gt_test, image_of)
     direct = {"M_pre": lambda i: _mpre(cfg, i, frames[i]),
               "M_crop": lambda i: _stage04(cfg, i, frames[i], "m_crop"),
               "M": lambda i: _stage04(cfg, i, frames[i], "refined")}
-    sets = _training_sets(cfg, rows, train, frames, images, gt_train, skipped_train, result)
+    sets = _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, result)
     for row in ROWS:
         if row in direct:
             scorer.score_masks(row, direct[row])
@@ -86,7 +88,7 @@ def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dic
             result["training"][row] = info
             scorer.score_model(row, model, out / "predictions" / row)
             if row == "supervised":
-                result["object_free_check"] = object_free_check(cfg, model, images, gt_test)
+                result["object_free_check"] = object_free_check(cfg, model, image_of, gt_test)
     result["rows"] = scorer.results()
     if not gt_test:
         result["note"] = (f"no test image has usable ground truth: the networks were trained and "
@@ -114,14 +116,16 @@ def _stage04(cfg, image_id, frame, kind) -> np.ndarray:
     return canvas_to_original(load_refined(cfg, image_id, kind), frame, "mask")
 
 
-def _training_sets(cfg, rows, train, frames, images, gt_train, skipped_train, result) -> dict:
-    """{row: (images, masks)} of the requested U-Net rows; rows that cannot train are listed."""
-    imgs = [images[r.id] for r in train]
+def _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, result) -> dict:
+    """{row: (images, masks)} of the requested U-Net rows, as lazy sequences (the U-Net resizes
+    them in one pass); rows that cannot train are listed."""
+    ids = [r.id for r in train]
+    imgs = LazySequence(ids, image_of)
     sets = {}
     if "unet_M_pre" in rows:
-        sets["unet_M_pre"] = (imgs, [_mpre(cfg, r.id, frames[r.id]) for r in train])
+        sets["unet_M_pre"] = (imgs, LazySequence(ids, lambda i: _mpre(cfg, i, frames[i])))
     if {"unet_D_s", "unet_D_s_plus_synth"} & set(rows):
-        d_s = [_stage04(cfg, r.id, frames[r.id], "refined") for r in train]
+        d_s = LazySequence(ids, lambda i: _stage04(cfg, i, frames[i], "refined"))
         if "unet_D_s" in rows:
             sets["unet_D_s"] = (imgs, d_s)
         if "unet_D_s_plus_synth" in rows:
@@ -130,8 +134,8 @@ def _training_sets(cfg, rows, train, frames, images, gt_train, skipped_train, re
             sets["unet_D_s_plus_synth"] = (imgs + syn_images, d_s + syn_masks)
     if "supervised" in rows:
         if gt_train:
-            ids = [r.id for r in train if r.id in gt_train]
-            sets["supervised"] = ([images[i] for i in ids], [gt_train[i] for i in ids])
+            labelled = [i for i in ids if i in gt_train]
+            sets["supervised"] = (LazySequence(labelled, image_of), [gt_train[i] for i in labelled])
             if skipped_train:
                 result["supervised_train_without_ground_truth"] = [i for i, _ in skipped_train]
         else:
@@ -170,8 +174,8 @@ def _device(scfg: SegConfig):
 class _Scorer:
     """Per-row SegmentationMeters under the configured protocol (full image or centre crop)."""
 
-    def __init__(self, cfg: dict, gt: dict, images: dict):
-        self.cfg, self.gt, self.images = cfg, gt, images
+    def __init__(self, cfg: dict, gt: dict, image_of):
+        self.cfg, self.gt, self.image_of = cfg, gt, image_of
         self.crop = cfg["segmentation"]["protocol"] == "center_crop"
         self.size = cfg["segmentation"]["size"]
         self.meters: dict[str, M.SegmentationMeter] = {}
@@ -187,14 +191,15 @@ class _Scorer:
         for i, gt in self.gt.items():
             pred = mask_of(i)
             if self.crop:
-                _, gt = center_crop_pair(self.images[i], gt, self.size)
-                _, pred = center_crop_pair(self.images[i], pred, self.size)
+                image = self.image_of(i)
+                _, gt = center_crop_pair(image, gt, self.size)
+                _, pred = center_crop_pair(image, pred, self.size)
             self._update(row, i, pred, gt)
 
     def score_model(self, row: str, model, pred_dir: Path) -> None:
         scfg = seg_config(self.cfg)
         ids = list(self.gt)
-        imgs = [self.images[i] for i in ids]
+        imgs = LazySequence(ids, self.image_of)
         if self.crop:
             preds, gts = predict_center_crop(model, imgs, [self.gt[i] for i in ids], scfg)
         else:
@@ -221,7 +226,7 @@ def ordering(rows: dict) -> dict:
     return out
 
 
-def object_free_check(cfg: dict, detector, images: dict, gt_test: dict) -> dict:
+def object_free_check(cfg: dict, detector, image_of, gt_test: dict) -> dict:
     """Is the object absent from background samples? The supervised U-Net (trained on ground truth,
     an independent detector) predicts each sample's foreground area; a sample counts as
     object-free when that area is below segmentation.detector_area. Real test images give its
@@ -229,9 +234,9 @@ def object_free_check(cfg: dict, detector, images: dict, gt_test: dict) -> dict:
     backgrounds the shares of object-free samples."""
     scfg = seg_config(cfg)
     thr = float(cfg["segmentation"]["detector_area"])
-    area = lambda ims: np.array([p.mean() for p in predict(detector, list(ims), scfg)])
+    area = lambda ims: np.array([p.mean() for p in predict(detector, ims, scfg)])
     out = {"detector": "supervised U-Net", "area_threshold": thr}
-    real = [images[i] for i in gt_test]
+    real = LazySequence(list(gt_test), image_of)
     if real:
         out["real_test_detected"] = float((area(real) >= thr).mean())
     samples = Path(cfg["run_dir"]) / "03_finetuning" / "samples.npz"
@@ -244,6 +249,6 @@ def object_free_check(cfg: dict, detector, images: dict, gt_test: dict) -> dict:
     if bg.is_dir():
         files = sorted(bg.glob("*.png"))
         if files:
-            out["object_free_pure_backgrounds"] = float((area(load_image(f) for f in files) < thr).mean())
+            out["object_free_pure_backgrounds"] = float((area(LazySequence(files, load_image)) < thr).mean())
             out["n_pure_backgrounds"] = len(files)
     return out

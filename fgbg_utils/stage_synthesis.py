@@ -203,14 +203,16 @@ def _export(cfg: dict, ids, progress: bool) -> None:
         atomic_save_png(root / "backgrounds" / f"{i}.png", background)  # last: marks the id done
 
 
-def load_pairs(cfg: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """D'_s as (images, bool masks) at image size, read back through the folder-dataset loader."""
+def load_pairs(cfg: dict):
+    """D'_s as (images, bool masks) at image size, read back through the folder-dataset loader;
+    lazy sequences (each item is read when accessed)."""
     from .datasets import load_image, load_mask, load_records
+    from .lazy import LazySequence
 
     records = load_records("folder", stage_root(cfg) / "dataset")
     missing = [r.id for r in records if r.mask is None]
     if missing:
         raise StageError(f"{len(missing)} synthetic image(s) have no mask yet, e.g. {missing[:3]}; "
                          f"rerun stage 05 to finish them.")
-    images = [load_image(r.image) for r in records]
-    return images, [load_mask(r.mask, im.shape[:2]) for r, im in zip(records, images)]
+    return (LazySequence(records, lambda r: load_image(r.image)),
+            LazySequence(records, lambda r: load_mask(r.mask)))
