@@ -56,6 +56,11 @@ def main(argv=None) -> int:
                       "06": "stage_evaluation"}[args.number]
             cfg = load_params(args.params, args.sets, run_dir=args.out)
             importlib.import_module(f"fgbg_utils.{module}").run(cfg, force=args.force)
+            from accelerate import PartialState
+            if PartialState().is_main_process:
+                from .runner import metrics_table
+                print(f"stage {args.number} done in {cfg['run_dir']}\n")
+                print(metrics_table(cfg["run_dir"]))
         elif args.cmd == "metrics":
             from .runner import metrics_table
             print(metrics_table(args.run_dir))

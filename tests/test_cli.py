@@ -78,3 +78,10 @@ def test_empty_evaluation_split_refused_before_work(tmp_path, capsys):
 def test_report_of_an_empty_folder(tmp_path, capsys):
     code, err = run_cli(["report", str(tmp_path)], capsys)
     assert code == 2 and "no executed notebooks" in err
+
+
+def test_stage_command_names_the_missing_stage(tmp_path, capsys):
+    code, err = run_cli(["stage", "06", TOY, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "stage 06 (evaluation) needs the outputs of stage 02_binarization" in err
+    code, err = run_cli(["stage", "05", TOY, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "03_finetuning" in err and "--stages 03" in err
