@@ -59,7 +59,7 @@ def sample_grid(cfg: dict, n: int = 8):
 def refinement_rows(cfg: dict, best: int = 3, worst: int = 3) -> list[dict]:
     """Gallery rows for the best and worst refined masks (fg IoU) of the evaluation split."""
     from .metrics import SegmentationMeter
-    from .stage_attention import load_map
+    from .stage_attention import load_frame
     from .stage_binarization import load_mpre
     from .stage_refinement import load_refined, out_path
     from PIL import Image
@@ -70,7 +70,7 @@ def refinement_rows(cfg: dict, best: int = 3, worst: int = 3) -> list[dict]:
     for i in ids:
         if records[i].mask is None:
             continue
-        frame = load_map(cfg, i)["frame"]
+        frame = load_frame(cfg, i)
         gt = load_mask(records[i].mask)
         back = lambda a, kind="mask": canvas_to_original(a, frame, kind)
         row = {"image": load_image(records[i].image), "ground truth": gt,

@@ -93,7 +93,7 @@ class SegConfig:
         return asdict(self)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -257,7 +257,7 @@ def train_segnet(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg:
 
     Returns the last model (eval mode, on cfg.device) and the per-step training loss curve.
     `log`, if given, receives a one-line message every cfg.log_every steps and at the end."""
-    dev = _device(cfg.device)
+    dev = resolve_device(cfg.device)
     data = prepare_training_data(images, masks, cfg.size)
     model = build_model(cfg).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

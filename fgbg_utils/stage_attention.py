@@ -46,12 +46,20 @@ def load_map(cfg: dict, image_id: str) -> dict:
     return out
 
 
-def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
-    """Compute and save M̂ for every image of the configured splits; finished images are skipped."""
+def load_frame(cfg: dict, image_id: str) -> Frame:
+    """Only the canonical frame of an image's map file (the arrays are not read)."""
+    with np.load(map_path(cfg, image_id)) as z:
+        return Frame.from_dict(json.loads(str(z["frame"])))
+
+
+def run(cfg: dict, force: bool = False, progress: bool = True, ldm=None) -> dict:
+    """Compute and save M̂ for every image of the configured splits; finished images are skipped.
+    `ldm`: the pretrained model already loaded from cfg's model.path (stage 05 passes it)."""
     check_pretrained(cfg["model"]["path"])
     out_dir = open_stage(cfg, STAGE, stage_params(cfg), force)
     records, skipped = load_dataset(cfg)
-    ldm = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], cfg["dtype"])
+    if ldm is None:
+        ldm = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], cfg["dtype"])
     prompt = resolved_prompt(cfg)
     words = [cfg["object"], *cfg["parts"]]
     positions = tokens.prompt_positions(ldm.tokenizer, prompt, words)

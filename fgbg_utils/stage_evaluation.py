@@ -14,7 +14,8 @@ from .frame import canvas_to_original
 from .lazy import LazySequence
 from .io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
 from .run_folder import StageError, metrics_path, open_stage, require_stage, update_stage
-from .segnet import SegConfig, build_model, center_crop_pair, predict, predict_center_crop, train_segnet
+from .segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop,
+                     resolve_device, train_segnet)
 
 STAGE = "06_evaluation"
 STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
@@ -102,8 +103,8 @@ def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dic
 
 # ----------------------------------------------------------------------------- masks of the run
 def _frames(cfg: dict, ids) -> dict:
-    from .stage_attention import load_map
-    return {i: load_map(cfg, i)["frame"] for i in ids}
+    from .stage_attention import load_frame
+    return {i: load_frame(cfg, i) for i in ids}
 
 
 def _mpre(cfg, image_id, frame) -> np.ndarray:
@@ -152,7 +153,7 @@ def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
     if weights.exists() and info_path.exists():
         model = build_model(scfg)
         model.load_state_dict(load_file(str(weights)))
-        return model.to(_device(scfg)).eval(), read_json(info_path)
+        return model.to(resolve_device(scfg.device)).eval(), read_json(info_path)
     import time
     t0 = time.time()
     log(f"stage 06: training {ROW_LABELS[row]} on {len(images)} images ({scfg.steps} steps)")
@@ -163,11 +164,6 @@ def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
     atomic_save_safetensors(weights, model.state_dict())
     atomic_write_json(info_path, info)
     return model, info
-
-
-def _device(scfg: SegConfig):
-    from .segnet import _device as dev
-    return dev(scfg.device)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -35,11 +35,12 @@ def load_refined(cfg: dict, image_id: str, kind: str = "refined") -> np.ndarray:
     return np.asarray(Image.open(out_path(cfg, kind, image_id))) > 127
 
 
-def run(cfg: dict, force: bool = False, progress: bool = True, finetune_run: str | Path | None = None
-        ) -> dict:
+def run(cfg: dict, force: bool = False, progress: bool = True, finetune_run: str | Path | None = None,
+        models_loaded=None) -> dict:
     """Inpaint, difference, binarize and AND for every image of stage 01; then score.
     `finetune_run`: the run folder holding stage 03 (default: cfg's run folder; stage 05 passes
-    the real run when it refines the synthetic images)."""
+    the real run when it refines the synthetic images, with `models_loaded` = (m, m') it already
+    holds, loaded from that run)."""
     finetune_run = Path(finetune_run or cfg["run_dir"])
     s02 = require_stage(cfg, STAGE02, "stage 04 (refinement)")
     s03 = require_stage(cfg, STAGE03, "stage 04 (refinement)", run_dir=finetune_run)
@@ -48,8 +49,10 @@ def run(cfg: dict, force: bool = False, progress: bool = True, finetune_run: str
                                       "seed": cfg["seed"]}, force)
     from .finetune import load_finetuned
 
-    base = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], cfg["dtype"])
-    tuned = load_finetuned(base, finetune_run / STAGE03)
+    if models_loaded is None:
+        base = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], cfg["dtype"])
+        models_loaded = (base, load_finetuned(base, finetune_run / STAGE03))
+    base, tuned = models_loaded
     pipe = make_inpaint_pipeline(tuned)
     summary01 = read_json(Path(cfg["run_dir"]) / STAGE01 / "summary.json")
     records = {r.id: r for r in load_dataset(cfg)[0]}
@@ -103,7 +106,7 @@ def _refine_group(cfg, base, tuned, pipe, group) -> dict:
 
 def evaluate(cfg: dict, summary01: dict, records: dict) -> dict:
     """preliminary / refined / m_crop against ground truth on the evaluation split."""
-    from .stage_attention import load_map
+    from .stage_attention import load_frame
 
     split = cfg["evaluation"]["split"]
     meters = {k: M.SegmentationMeter() for k in ("preliminary", "refined", "m_crop")}
@@ -114,7 +117,7 @@ def evaluate(cfg: dict, summary01: dict, records: dict) -> dict:
         if r is None or r.mask is None or r.split != split:
             continue
         gt = load_mask(r.mask)
-        frame = load_map(cfg, image_id)["frame"]
+        frame = load_frame(cfg, image_id)
         meters["preliminary"].update(canvas_to_original(load_mpre(cfg, image_id), frame, "mask"), gt)
         meters["refined"].update(canvas_to_original(load_refined(cfg, image_id), frame, "mask"), gt)
         meters["m_crop"].update(canvas_to_original(load_refined(cfg, image_id, "m_crop"), frame, "mask"), gt)

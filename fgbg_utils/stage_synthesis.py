@@ -108,10 +108,9 @@ def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
     sweep_path = root / "guidance_sweep.npz"
     if not sweep_path.exists():
         _write_sweep(cfg, tuned, sweep_path, y_f, y_b)
-    del tuned
     summary = {}
     if ids:
-        summary = _run_pipeline(cfg, progress)
+        summary = _run_pipeline(cfg, progress, base, tuned)
         _export(cfg, ids, progress)
     result = {"n_images": n, "guidance": scfg["guidance"], "steps": scfg["steps"],
               "n_pure_backgrounds": len(bg_ids), "background_guidance": scfg["background_guidance"],
@@ -159,17 +158,19 @@ def _write_sweep(cfg, ldm, path: Path, y_f, y_b) -> None:
     atomic_save_npz(path, images=images, scales=np.asarray(scales, np.float32))
 
 
-def _run_pipeline(cfg: dict, progress: bool) -> dict:
-    """Stages 01, 02, 04 on D' (each resumes by itself; a finished one is not rerun)."""
+def _run_pipeline(cfg: dict, progress: bool, base, tuned) -> dict:
+    """Stages 01, 02, 04 on D' with the models already loaded (each stage resumes by itself; a
+    finished one is not rerun)."""
     from . import stage_attention, stage_binarization, stage_refinement
 
     pcfg = pipeline_cfg(cfg)
-    for stage, fn in ((stage_attention.STAGE, stage_attention.run),
-                      (stage_binarization.STAGE, stage_binarization.run)):
-        if not _complete(pcfg, stage):
-            fn(pcfg, progress=progress)
+    if not _complete(pcfg, stage_attention.STAGE):
+        stage_attention.run(pcfg, progress=progress, ldm=base)
+    if not _complete(pcfg, stage_binarization.STAGE):
+        stage_binarization.run(pcfg, progress=progress)
     if not _complete(pcfg, STAGE04):
-        stage_refinement.run(pcfg, progress=progress, finetune_run=cfg["run_dir"])
+        stage_refinement.run(pcfg, progress=progress, finetune_run=cfg["run_dir"],
+                             models_loaded=(base, tuned))
     gmm = read_json(Path(pcfg["run_dir"]) / STAGE02 / "gmm.json")
     return {"degenerate_m_pre": sorted(k for k, v in gmm.items() if v.get("degenerate"))}
 
@@ -184,7 +185,7 @@ def _export(cfg: dict, ids, progress: bool) -> None:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .stage_attention import load_map
+    from .stage_attention import load_frame
     from .frame import canvas_to_original
     from .stage_refinement import load_refined, out_path
 
@@ -194,7 +195,7 @@ def _export(cfg: dict, ids, progress: bool) -> None:
         if (root / "backgrounds" / f"{i}.png").exists():
             continue
         image = np.asarray(Image.open(root / "dataset" / "images" / f"{i}.png").convert("RGB"))
-        frame = load_map(pcfg, i)["frame"]
+        frame = load_frame(pcfg, i)
         mask = canvas_to_original(load_refined(pcfg, i), frame, "mask")
         rgba = np.concatenate([image, (mask * 255).astype(np.uint8)[..., None]], axis=2)
         background = np.asarray(Image.open(out_path(pcfg, "background", i)).convert("RGB"))

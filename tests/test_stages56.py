@@ -55,7 +55,9 @@ def test_synthetic_pairs_use_the_real_dataset_layout(run):
     # D' masks come from the same pipeline: stage 01 with the pretrained model, stage 04 with m'
     p01 = json.loads((root / "pipeline" / "01_attention_maps" / "stage.json").read_text())
     assert p01["params"]["model"]["path"] == cfg["model"]["path"]
-    refined = stage_refinement.load_refined(stage_synthesis.pipeline_cfg(cfg), "syn-00001")
+    pcfg = stage_synthesis.pipeline_cfg(cfg)
+    assert stage_attention.load_frame(pcfg, "syn-00001") == stage_attention.load_map(pcfg, "syn-00001")["frame"]
+    refined = stage_refinement.load_refined(pcfg, "syn-00001")
     assert (refined == load_mask(records[1].mask)).all()
     assert len(list((root / "pure_backgrounds").glob("*.png"))) == 2
     with np.load(root / "guidance_sweep.npz") as z:
