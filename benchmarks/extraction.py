@@ -7,7 +7,7 @@ against the official structure (one UNet call per noise level, all token columns
 
 For one image and the same noise levels / noisy latents, it times (median of --repeats):
 
-  capture     `fgbg_utils.attention.attention_maps`: all levels in ONE batched UNet call, capture
+  capture     `fgbg_utils.core.attention.attention_maps`: all levels in ONE batched UNet call, capture
               processors on the attn2 layers only (object-token columns, head mean, fp32);
   bare        the same batched UNet call with the stock processors and no capture (the floor);
   sequential  the official structure: one UNet call per noise level, a processor on every attn2
@@ -37,8 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fgbg_utils.io import atomic_write_json  # noqa: E402
-from fgbg_utils import attention, models  # noqa: E402
+from fgbg_utils.io import atomic_write_json
+from fgbg_utils.core import attention, models
 
 
 # ----------------------------------------------------------------------------- official structure
@@ -149,7 +149,7 @@ def toy_layout(model_path: str | None):
         return f"toy ({path.name})", ldm.unet, ldm.scheduler, models.encode_prompt(ldm, "a photo of a shape")
     if model_path:
         raise SystemExit(f"--model {model_path} does not exist")
-    from fgbg_utils import toy
+    from fgbg_utils.data import toy
     _, unet, text_encoder, tokenizer, scheduler = toy.build_models(image_size=64, seed=0)
     ids = tokenizer(["a photo of a shape"], padding="max_length", max_length=toy.MAX_LENGTH,
                     return_tensors="pt").input_ids

@@ -7,7 +7,7 @@ text-to-image training step on the same batch.
 Both steps are ENCODE-FREE: z0 (VAE posterior mean × scaling factor) and the two prompt
 embeddings are precomputed once and are not timed, in both. Per optimizer step s:
 
-  ours   `Finetuner.train_step(s)` (fgbg_utils.finetune) on a single-process `Accelerator`:
+  ours   `Finetuner.train_step(s)` (fgbg_utils.training.finetune) on a single-process `Accelerator`:
          deterministic batch sampling (epoch order, flips), per-sample prompt choice and
          background-rectangle sampling (`rectangles.training_mask`), t/ε from the (seed, step)
          generator, noising, UNet forward, masked ε-loss, `accelerator.backward`, AdamW step,
@@ -39,9 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fgbg_utils.io import atomic_write_json  # noqa: E402
-from fgbg_utils import finetune as ft  # noqa: E402
-from fgbg_utils import models, toy  # noqa: E402
+from fgbg_utils.io import atomic_write_json
+from fgbg_utils.training import finetune as ft
+from fgbg_utils.core import models
+from fgbg_utils.data import toy
 
 
 def load_model(path: str | None):

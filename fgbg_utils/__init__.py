@@ -1,5 +1,5 @@
 """fgbg: foreground/background separation through concept distillation (Dombrowski et al., ICCV 2023)."""
-from .params import ParamsError, load_params
+from fgbg_utils.runs.params import ParamsError, load_params
 
 __all__ = ["load_params", "ParamsError"]
 __version__ = "0.1.0"

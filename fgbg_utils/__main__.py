@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from fgbg_utils.runs.cli import main
 
 sys.exit(main())

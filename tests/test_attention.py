@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from fgbg_utils import attention, models, seeds, toy
-from fgbg_utils.attention import (AttentionStore, CrossAttentionCapture, attention_maps,
-                                  capture_cross_attention, image_noise, reduce_maps)
+from fgbg_utils.core import attention, models, seeds
+from fgbg_utils.data import toy
+from fgbg_utils.core.attention import (AttentionStore, CrossAttentionCapture, attention_maps, capture_cross_attention, image_noise, reduce_maps)
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny-sd"
 

@@ -1,9 +1,9 @@
-"""Tests for fgbg_utils.binarize (METHOD §2.2)."""
+"""Tests for fgbg_utils.core.binarize (METHOD §2.2)."""
 import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture
 
-from fgbg_utils.binarize import binarize, gmm_threshold, orphan_filter
+from fgbg_utils.core.binarize import binarize, gmm_threshold, orphan_filter
 
 
 def _bimodal(seed=0, h=32, w=32):

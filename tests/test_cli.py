@@ -3,8 +3,8 @@ work done (no run folder written)."""
 import numpy as np
 from PIL import Image
 
-from fgbg_utils.cli import main
-from fgbg_utils.params import PROJECT_ROOT
+from fgbg_utils.runs.cli import main
+from fgbg_utils.runs.params import PROJECT_ROOT
 
 TOY = str(PROJECT_ROOT / "params" / "toy.yaml")
 

@@ -1,4 +1,4 @@
-"""Concept-distillation fine-tuning (fgbg_utils.finetune): tiny random toy LDM on the CPU."""
+"""Concept-distillation fine-tuning (fgbg_utils.training.finetune): tiny random toy LDM on the CPU."""
 from __future__ import annotations
 
 import copy
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fgbg_utils import finetune as ft
-from fgbg_utils import toy
-from fgbg_utils.models import LDM, encode_images, encode_prompt
+from fgbg_utils.training import finetune as ft
+from fgbg_utils.data import toy
+from fgbg_utils.core.models import LDM, encode_images, encode_prompt
 
 torch.set_num_threads(1)
 L, R = 16, 64

@@ -7,8 +7,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from fgbg_utils import inpaint, models, toy
-from fgbg_utils.refine import upsample_mask
+from fgbg_utils.core import inpaint, models
+from fgbg_utils.data import toy
+from fgbg_utils.core.refine import upsample_mask
 
 STEPS = 3
 

@@ -1,4 +1,4 @@
-from fgbg_utils.lazy import LazySequence
+from fgbg_utils.data.lazy import LazySequence
 
 
 def test_lazy_sequence_loads_on_access_only():

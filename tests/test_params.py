@@ -3,7 +3,7 @@ with a message naming the key and the file."""
 import pytest
 import yaml
 
-from fgbg_utils.params import ParamsError, load_params
+from fgbg_utils.runs.params import ParamsError, load_params
 
 
 def write(tmp_path, data, name="p.yaml"):
@@ -69,7 +69,7 @@ def test_missing_and_invalid_yaml(tmp_path):
 
 @pytest.mark.parametrize("name", ["toy.yaml", "cub.yaml", "folder.yaml"])
 def test_shipped_params_are_valid(name):
-    from fgbg_utils.params import PROJECT_ROOT
+    from fgbg_utils.runs.params import PROJECT_ROOT
     cfg = load_params(PROJECT_ROOT / "params" / name)
     assert cfg["object"] in cfg["prompt"].replace("{object}", cfg["object"])
 

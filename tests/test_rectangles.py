@@ -1,16 +1,10 @@
-"""Tests for fgbg_utils.rectangles (METHOD §2.3): rectangle sampler and masked ε-loss."""
+"""Tests for fgbg_utils.core.rectangles (METHOD §2.3): rectangle sampler and masked ε-loss."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fgbg_utils.rectangles import (
-    RectRules,
-    accept_boxes,
-    masked_eps_loss,
-    sample_rectangle,
-    training_mask,
-)
+from fgbg_utils.core.rectangles import (RectRules, accept_boxes, masked_eps_loss, sample_rectangle, training_mask)
 
 
 def _blobs(seed, L=64, n=4):

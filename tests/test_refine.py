@@ -1,15 +1,8 @@
-"""Tests for fgbg_utils.refine (METHOD §2.4): difference map, refinement, M_crop, post-processing."""
+"""Tests for fgbg_utils.core.refine (METHOD §2.4): difference map, refinement, M_crop, post-processing."""
 import numpy as np
 import pytest
 
-from fgbg_utils.refine import (
-    crop_strip,
-    difference_map,
-    m_crop_fill,
-    optional_postprocess,
-    refine_mask,
-    upsample_mask,
-)
+from fgbg_utils.core.refine import (crop_strip, difference_map, m_crop_fill, optional_postprocess, refine_mask, upsample_mask)
 
 
 def test_difference_map_hand_case():

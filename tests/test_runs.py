@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from fgbg_utils import load_params, stage_attention, stage_binarization
-from fgbg_utils.params import PROJECT_ROOT
-from fgbg_utils.run_folder import StageError
+from fgbg_utils import load_params
+from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization
+from fgbg_utils.runs.params import PROJECT_ROOT
+from fgbg_utils.runs.run_folder import StageError
 
 TOY = PROJECT_ROOT / "params" / "toy.yaml"
 TINY = {"dataset.n_train": 3, "dataset.n_test": 3, "T0": 10, "attention.sweep": False}
@@ -58,7 +59,7 @@ def test_stage02_needs_stage01(tmp_path):
 
 
 def test_cli_run_writes_run_folder(tmp_path):
-    from fgbg_utils.cli import main
+    from fgbg_utils.runs.cli import main
 
     out = tmp_path / "run"
     sets = sum([["--set", f"{k}={v}"] for k, v in TINY.items()], [])

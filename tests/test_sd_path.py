@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgbg_utils import stage_attention, stage_binarization
-from fgbg_utils.datasets import load_records
-from fgbg_utils.params import load_params
-from fgbg_utils.run_folder import StageError
+from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization
+from fgbg_utils.data.datasets import load_records
+from fgbg_utils.runs.params import load_params
+from fgbg_utils.runs.run_folder import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-sd"

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fgbg_utils import segnet, toy
-from fgbg_utils.metrics import SegmentationMeter
+from fgbg_utils.training import segnet
+from fgbg_utils.data import toy
+from fgbg_utils.core.metrics import SegmentationMeter
 
 torch.set_num_threads(1)
 

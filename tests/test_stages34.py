@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from fgbg_utils import load_params, stage_attention, stage_binarization, stage_finetune, stage_refinement
-from fgbg_utils.params import PROJECT_ROOT
-from fgbg_utils.refine import upsample_mask
-from fgbg_utils.run_folder import StageError
+from fgbg_utils import load_params
+from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization, finetuning as stage_finetune, refinement as stage_refinement
+from fgbg_utils.runs.params import PROJECT_ROOT
+from fgbg_utils.core.refine import upsample_mask
+from fgbg_utils.runs.run_folder import StageError
 
 TOY = PROJECT_ROOT / "params" / "toy.yaml"
 TINY = {"dataset.n_train": 3, "dataset.n_test": 2, "T0": 5, "attention.sweep": False,

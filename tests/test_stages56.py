@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgbg_utils import (load_params, stage_attention, stage_binarization, stage_evaluation,
-                        stage_finetune, stage_refinement, stage_synthesis)
-from fgbg_utils.datasets import load_mask, load_records
-from fgbg_utils.metrics import SegmentationMeter, box_overlap
-from fgbg_utils.params import PROJECT_ROOT
-from fgbg_utils.report import write_report
-from fgbg_utils.run_folder import StageError
+from fgbg_utils import load_params
+from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization, evaluation as stage_evaluation, finetuning as stage_finetune, refinement as stage_refinement, synthesis as stage_synthesis
+from fgbg_utils.data.datasets import load_mask, load_records
+from fgbg_utils.core.metrics import SegmentationMeter, box_overlap
+from fgbg_utils.runs.params import PROJECT_ROOT
+from fgbg_utils.runs.report import write_report
+from fgbg_utils.runs.run_folder import StageError
 
 TOY = PROJECT_ROOT / "params" / "toy.yaml"
 TINY = {"dataset.n_train": 3, "dataset.n_test": 2, "T0": 5, "attention.sweep": False,
@@ -139,7 +139,7 @@ def test_no_ground_truth_at_all_still_trains(run, tmp_path):
 
 
 def _toy_root(cfg):
-    from fgbg_utils.data import dataset_root
+    from fgbg_utils.data.loader import dataset_root
     return dataset_root(cfg)
 
 
@@ -204,7 +204,7 @@ def test_report_holds_table_and_notebooks(run):
 def test_views_of_stages_05_06(run):
     import matplotlib
     matplotlib.use("Agg")
-    from fgbg_utils import evaluation_views as views
+    from fgbg_utils.views import evaluation_views as views
 
     cfg, _, s06 = run
     image_id = next(iter(s06["rows"]["M"]["per_image_iou"]))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fgbg_utils import models, synthesis, toy
-from fgbg_utils.models import LDM
+from fgbg_utils.core import models, synthesis
+from fgbg_utils.data import toy
+from fgbg_utils.core.models import LDM
 
 torch.set_num_threads(1)
 

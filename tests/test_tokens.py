@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from fgbg_utils import toy
-from fgbg_utils.tokens import TokenError, prompt_positions, word_positions
+from fgbg_utils.data import toy
+from fgbg_utils.core.tokens import TokenError, prompt_positions, word_positions
 
 TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "tiny-sd" / "tokenizer"
 

@@ -3,8 +3,8 @@ through the same from_pretrained code as Stable Diffusion."""
 import numpy as np
 import pytest
 
-from fgbg_utils import toy
-from fgbg_utils.params import PROJECT_ROOT
+from fgbg_utils.data import toy
+from fgbg_utils.runs.params import PROJECT_ROOT
 
 SHIPPED = PROJECT_ROOT / "models" / "toy-ldm"
 
@@ -52,7 +52,7 @@ def test_tokenizer_roundtrip():
 def test_shipped_model_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from diffusers import StableDiffusionPipeline
-    from fgbg_utils.models import load_ldm, noise_grid
+    from fgbg_utils.core.models import load_ldm, noise_grid
 
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED)
     assert pipe.unet.config.in_channels == 4

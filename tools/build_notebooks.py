@@ -100,7 +100,7 @@ rows = [{"label": c.replace("a photo of a ", ""), "image": i, "mask": m} for i, 
 fig = plots.image_rows(rows[:4], ["image", "mask"])"""),
     md("## Train (optional)"),
     code("""if train:
-    from fgbg_utils.toy_training import train_toy_model
+    from fgbg_utils.training.toy_training import train_toy_model
     info = train_toy_model(out_dir, n_images, seed, vae_minutes, unet_minutes, threads=threads)
     model_dir = out_dir"""),
     md("## How the model was trained: time and loss curves"),
@@ -183,7 +183,7 @@ splits into several tokens keeps all of them; extra words in `parts` are summed 
 """),
     code('''# NBVAL_CHECK_OUTPUT
 from fgbg_utils import models, tokens
-from fgbg_utils.params import resolved_prompt
+from fgbg_utils.runs.params import resolved_prompt
 tokenizer = models.load_tokenizer(cfg["model"]["path"], cfg["model"]["revision"])
 prompt = resolved_prompt(cfg)
 print("prompt:", prompt)
@@ -195,7 +195,7 @@ The 50-step DDIM grid with SD's `leading` spacing and `steps_offset=1` is 981, 9
 uses its $T_0$ lowest entries (the paper: $T_0 = 40$, so $t = 1, 21, …, 781$).
 """),
     code('''# NBVAL_CHECK_OUTPUT
-from fgbg_utils.stage_attention import run as run_stage01
+from fgbg_utils.stages.attention_maps import run as run_stage01
 grid = models.noise_grid(models.load_scheduler(cfg["model"]["path"], cfg["model"]["revision"]),
                          cfg["attention"]["grid_steps"])
 print("T0 =", cfg["T0"], "lowest levels:", sorted(grid.tolist())[:cfg["T0"]])'''),
@@ -221,7 +221,7 @@ fig = plots.image_rows(rows, ["image", "ground truth", "M̂"])'''),
 In JupyterLab the explorer below has a dropdown for the image and a slider over noise levels,
 layers or tokens. Headless (papermill, CI) it draws the same views as static figures.
 """),
-    code('''from fgbg_utils.widgets import attention_explorer
+    code('''from fgbg_utils.views.widgets import attention_explorer
 figs = attention_explorer(cfg, ids, interactive)'''),
 ]
 
@@ -250,7 +250,7 @@ all-foreground mask and a centred disc of the mean object area.
 from fgbg_utils import stage_binarization
 result = stage_binarization.run(cfg, force=force)'''),
     md("## The GMM on one image"),
-    code('''from fgbg_utils.stage_attention import load_map
+    code('''from fgbg_utils.stages.attention_maps import load_map
 from fgbg_utils.io import read_json
 ids = gallery.pick_ids(cfg, cfg["evaluation"]["figure_images"], cfg["evaluation"]["split"])
 m = load_map(cfg, ids[0])
@@ -268,7 +268,7 @@ Rows: $M_{pre}$ and the two baselines. Paper, CUB (Table 2): $M_{pre}$ ACC 83.5,
 mIoU 55.7; AUC-ROC of $\\hat M$ 97.1.
 """),
     code('''# NBVAL_CHECK_OUTPUT
-from fgbg_utils.runner import metrics_table
+from fgbg_utils.runs.runner import metrics_table
 print("images scored:", result.get("n_images"), "split:", result["split"])
 print(metrics_table(cfg["run_dir"], stages=("02",)))'''),
     md("""
@@ -319,7 +319,7 @@ an EMA of the weights, optional LoRA (peft), resumable checkpoints and a bounded
     params_cell(cheap=CHEAP34),
     code(SETUP + "\nfrom fgbg_utils import stage_finetune"),
     md("## What is trained: rectangles sampled over $M_{pre}$"),
-    code('''from fgbg_utils.finetune_views import rectangle_examples
+    code('''from fgbg_utils.views.finetune_views import rectangle_examples
 fig = rectangle_examples(cfg, n=6)'''),
     md("## Fine-tune"),
     code('''# NBVAL_IGNORE_OUTPUT
@@ -351,7 +351,7 @@ the object, so $y_b$ alone no longer rules it out; the contrast removes it.
 The presence score is strict and noisy (it flags some clean samples). Notebook 06 checks the same
 samples with an independent detector, the U-Net trained on ground truth (`object_free_check`).
 """),
-    code('''from fgbg_utils.finetune_views import sample_grid
+    code('''from fgbg_utils.views.finetune_views import sample_grid
 fig = sample_grid(cfg)
 oa = result.get("object_absent", {})
 print({k: round(v, 3) for k, v in oa.items() if k.startswith(("share", "auc"))})'''),
@@ -389,10 +389,10 @@ result = stage_refinement.run(cfg, force=force)'''),
 Paper, CUB (Table 2, IoU): $M_{pre}$ 29.0 → $M$ 63.6; $M_{crop}$ 30.7.
 """),
     code('''# NBVAL_CHECK_OUTPUT
-from fgbg_utils.runner import metrics_table
+from fgbg_utils.runs.runner import metrics_table
 print(metrics_table(cfg["run_dir"], stages=("02", "04")))'''),
     md("## Best and worst images: original, $M_{pre}$, inpainted background, difference, $M$"),
-    code('''from fgbg_utils.finetune_views import refinement_rows
+    code('''from fgbg_utils.views.finetune_views import refinement_rows
 rows = refinement_rows(cfg, best=3, worst=3)
 fig = plots.image_rows(rows, ["image", "ground truth", "M_pre", "background", "difference", "M", "M_crop"])'''),
 ]

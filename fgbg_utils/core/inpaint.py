@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .models import LDM, encode_images
+from fgbg_utils.core.models import LDM, encode_images
 
 POSTERIORS = ("mode", "sample")
 

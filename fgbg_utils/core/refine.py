@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .binarize import binarize
+from fgbg_utils.core.binarize import binarize
 
 STRIPS = ("left", "right", "above", "below")
 

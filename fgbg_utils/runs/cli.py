@@ -37,38 +37,37 @@ def main(argv=None) -> int:
     t.add_argument("--snapshots", default=None, help="folder for periodic EMA snapshots")
     args = ap.parse_args(argv)
 
-    from .datasets import DatasetError
-    from .models import ModelError
-    from .params import ParamsError
-    from .run_folder import StageError
-    from .tokens import TokenError
+    from fgbg_utils.data.datasets import DatasetError
+    from fgbg_utils.core.models import ModelError
+    from fgbg_utils.runs.params import ParamsError
+    from fgbg_utils.runs.run_folder import StageError
+    from fgbg_utils.core.tokens import TokenError
     try:
         if args.cmd == "run":
-            from .runner import metrics_table, run
+            from fgbg_utils.runs.runner import metrics_table, run
             run_dir = run(args.params, args.sets, args.stages, args.out, args.force)
             print(f"\nRun folder: {run_dir}\n")
             print(metrics_table(run_dir))
         elif args.cmd == "stage":
             import importlib
-            from .params import load_params
-            module = {"01": "stage_attention", "02": "stage_binarization", "03": "stage_finetune",
-                      "04": "stage_refinement", "05": "stage_synthesis",
-                      "06": "stage_evaluation"}[args.number]
+            from fgbg_utils.runs.params import load_params
+            module = {"01": "attention_maps", "02": "binarization", "03": "finetuning",
+                      "04": "refinement", "05": "synthesis", "06": "evaluation"}[args.number]
             cfg = load_params(args.params, args.sets, run_dir=args.out)
-            importlib.import_module(f"fgbg_utils.{module}").run(cfg, force=args.force)
+            importlib.import_module(f"fgbg_utils.stages.{module}").run(cfg, force=args.force)
             from accelerate import PartialState
             if PartialState().is_main_process:
-                from .runner import metrics_table
+                from fgbg_utils.runs.runner import metrics_table
                 print(f"stage {args.number} done in {cfg['run_dir']}\n")
                 print(metrics_table(cfg["run_dir"]))
         elif args.cmd == "metrics":
-            from .runner import metrics_table
+            from fgbg_utils.runs.runner import metrics_table
             print(metrics_table(args.run_dir))
         elif args.cmd == "report":
-            from .report import write_report
+            from fgbg_utils.runs.report import write_report
             print(f"wrote {write_report(args.run_dir)}")
         elif args.cmd == "train-toy":
-            from .toy_training import train_toy_model
+            from fgbg_utils.training.toy_training import train_toy_model
             train_toy_model(args.out, args.n_images, args.seed, args.vae_minutes, args.unet_minutes,
                             threads=args.threads, snapshot_dir=args.snapshots)
     except (ParamsError, DatasetError, ModelError, StageError, TokenError) as e:

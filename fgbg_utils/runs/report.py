@@ -6,12 +6,12 @@ import html
 import json
 from pathlib import Path
 
-from .io import atomic_write_text
-from .run_folder import STAGES, StageError
+from fgbg_utils.io import atomic_write_text
+from fgbg_utils.runs.run_folder import STAGES, StageError
 
 
 def _table_html(run_dir: Path) -> str:
-    from .runner import METRIC_COLUMNS, metrics_rows
+    from fgbg_utils.runs.runner import METRIC_COLUMNS, metrics_rows
 
     rows = metrics_rows(run_dir, stages=("02", "04", "06"))
     if not rows:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .gallery import summary01
-from .stage_attention import load_map
+from fgbg_utils.views.gallery import summary01
+from fgbg_utils.stages.attention_maps import load_map
 
 
 def _views(cfg: dict, image_id: str) -> dict:
@@ -24,7 +24,7 @@ def _views(cfg: dict, image_id: str) -> dict:
 
 def static_views(cfg: dict, image_id: str):
     """One figure per view kind (what the explorer shows, for headless runs)."""
-    from .plots import maps_strip
+    from fgbg_utils.views.plots import maps_strip
 
     figs = []
     for kind, items in _views(cfg, image_id).items():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import toy
+from fgbg_utils.data import toy
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ParamsError(ValueError):
@@ -280,5 +280,5 @@ def load_params(path: str | Path | None = None, overrides=(), run_dir: str | Non
 
 
 def save_params(cfg: dict, path: str | Path) -> None:
-    from .io import atomic_write_text
+    from fgbg_utils.io import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

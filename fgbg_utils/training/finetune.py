@@ -71,10 +71,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import rectangles
-from .io import atomic_write_json, read_json
-from .models import LDM, encode_images, encode_prompt
-from .seeds import derive_seed
+from fgbg_utils.core import rectangles
+from fgbg_utils.io import atomic_write_json, read_json
+from fgbg_utils.core.models import LDM, encode_images, encode_prompt
+from fgbg_utils.core.seeds import derive_seed
 
 MODES = ("full", "lora")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")

@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import models
-from .models import LDM
+from fgbg_utils.core import models
+from fgbg_utils.core.models import LDM
 
 
 def _expand(emb: torch.Tensor, n: int) -> torch.Tensor:

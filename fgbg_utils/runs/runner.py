@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from .io import atomic_write_json, read_json
-from .params import PROJECT_ROOT, ParamsError, load_params, save_params
-from .run_folder import STAGES
+from fgbg_utils.io import atomic_write_json, read_json
+from fgbg_utils.runs.params import PROJECT_ROOT, ParamsError, load_params, save_params
+from fgbg_utils.runs.run_folder import STAGES
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "scikit-learn", "numpy",
@@ -55,10 +55,10 @@ def _now() -> str:
 def preflight(cfg: dict, stages=()) -> None:
     """Cheap checks before any notebook runs: dataset present, object word known to the model, an
     evaluation split with images when stage 06 is to run."""
-    from .data import load_dataset
-    from .models import ModelError, load_tokenizer
-    from .params import resolved_prompt
-    from .tokens import prompt_positions
+    from fgbg_utils.data.loader import load_dataset
+    from fgbg_utils.core.models import ModelError, load_tokenizer
+    from fgbg_utils.runs.params import resolved_prompt
+    from fgbg_utils.core.tokens import prompt_positions
 
     records, _ = load_dataset(cfg)  # also generates the toy world
     try:
@@ -141,7 +141,7 @@ def metrics_rows(run_dir: str | Path, stages=("02", "04", "06")) -> list[tuple[s
             if key in m:
                 rows.append((name, m[key]))
     if has06:
-        from .stage_evaluation import ROW_LABELS, ROWS
+        from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
         m = json.loads(s06.read_text())
         for key in ROWS:
             if key in m.get("rows", {}):

@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from .io import read_json
+from fgbg_utils.io import read_json
 
 
 def _grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str] | None = None,
@@ -68,7 +68,7 @@ def pure_backgrounds(cfg: dict, n: int = 8):
 
 def table(cfg: dict) -> str:
     """Stage 06's rows beside the paper's CUB IoU (Table 2), as text."""
-    from .stage_evaluation import ROW_LABELS, ROWS
+    from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
 
     m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
     cols = ("acc", "iou", "miou", "iou_per_image", "dice_per_image", "box_iou")
@@ -99,8 +99,8 @@ def training_curves(cfg: dict):
 
 def best_worst(cfg: dict, row: str, best: int = 3, worst: int = 3):
     """Image, ground truth and the row's prediction for its best and worst test images."""
-    from .data import load_dataset
-    from .datasets import load_image, load_mask
+    from fgbg_utils.data.loader import load_dataset
+    from fgbg_utils.data.datasets import load_image, load_mask
 
     m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
     ious = m["rows"][row]["per_image_iou"]
@@ -120,7 +120,7 @@ def best_worst(cfg: dict, row: str, best: int = 3, worst: int = 3):
 def _row_masks(cfg: dict, image_id: str) -> dict:
     """Every scored row's mask of one test image, at the image's size (U-Net rows from
     06_evaluation/predictions, the direct rows from stages 02 and 04)."""
-    from . import stage_evaluation as se
+    from fgbg_utils.stages import evaluation as se
 
     frame = se._frames(cfg, [image_id])[image_id]
     out = {"M_pre": se._mpre(cfg, image_id, frame), "M_crop": se._stage04(cfg, image_id, frame, "m_crop"),
@@ -142,9 +142,9 @@ def prediction_explorer(cfg: dict, interactive: bool = True):
     import ipywidgets as W
     from IPython.display import display
 
-    from .data import load_dataset
-    from .datasets import load_image, load_mask
-    from .stage_evaluation import ROW_LABELS
+    from fgbg_utils.data.loader import load_dataset
+    from fgbg_utils.data.datasets import load_image, load_mask
+    from fgbg_utils.stages.evaluation import ROW_LABELS
 
     m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
     if not m["rows"]:

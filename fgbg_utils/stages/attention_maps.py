@@ -8,19 +8,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import attention, models, seeds, tokens
-from .data import load_dataset
-from .frame import Frame, image_to_canvas
-from .io import atomic_save_npz, atomic_write_json
-from .params import resolved_prompt
-from .run_folder import open_stage, update_stage
+from fgbg_utils.core import attention, models, seeds, tokens
+from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.core.frame import Frame, image_to_canvas
+from fgbg_utils.io import atomic_save_npz, atomic_write_json
+from fgbg_utils.runs.params import resolved_prompt
+from fgbg_utils.runs.run_folder import open_stage, update_stage
 
 STAGE = "01_attention_maps"
 
 
 def stage_params(cfg: dict) -> dict:
     keys = ("seed", "object", "parts", "prompt", "T0", "dtype")
-    from .data import toy_generator_params
+    from fgbg_utils.data.loader import toy_generator_params
 
     toy = toy_generator_params(cfg) if cfg["dataset"]["kind"] == "toy" else None
     dataset = {k: v for k, v in cfg["dataset"].items() if k != "ground_truth"}  # no effect on M̂
@@ -94,7 +94,7 @@ def _layer_names(unet) -> list[str]:
 
 
 def _process_group(cfg, ldm, group, emb, token_positions, timesteps, T0, grid_steps):
-    from .datasets import load_image
+    from fgbg_utils.data.datasets import load_image
 
     canvases, frames = [], []
     for r in group:

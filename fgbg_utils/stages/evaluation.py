@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
-from .data import load_dataset
-from .datasets import load_ground_truth, load_image
-from .frame import canvas_to_original
-from .lazy import LazySequence
-from .io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
-from .run_folder import StageError, metrics_path, open_stage, require_stage, update_stage
-from .segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop,
-                     resolve_device, train_segnet)
+from fgbg_utils.core import metrics as M
+from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.data.datasets import load_ground_truth, load_image
+from fgbg_utils.core.frame import canvas_to_original
+from fgbg_utils.data.lazy import LazySequence
+from fgbg_utils.io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
+from fgbg_utils.runs.run_folder import (StageError, metrics_path, open_stage, require_stage, update_stage)
+from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop, resolve_device, train_segnet)
 
 STAGE = "06_evaluation"
 STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
@@ -103,17 +102,17 @@ def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dic
 
 # ----------------------------------------------------------------------------- masks of the run
 def _frames(cfg: dict, ids) -> dict:
-    from .stage_attention import load_frame
+    from fgbg_utils.stages.attention_maps import load_frame
     return {i: load_frame(cfg, i) for i in ids}
 
 
 def _mpre(cfg, image_id, frame) -> np.ndarray:
-    from .stage_binarization import load_mpre
+    from fgbg_utils.stages.binarization import load_mpre
     return canvas_to_original(load_mpre(cfg, image_id), frame, "mask")
 
 
 def _stage04(cfg, image_id, frame, kind) -> np.ndarray:
-    from .stage_refinement import load_refined
+    from fgbg_utils.stages.refinement import load_refined
     return canvas_to_original(load_refined(cfg, image_id, kind), frame, "mask")
 
 
@@ -130,7 +129,7 @@ def _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, 
         if "unet_D_s" in rows:
             sets["unet_D_s"] = (imgs, d_s)
         if "unet_D_s_plus_synth" in rows:
-            from .stage_synthesis import load_pairs
+            from fgbg_utils.stages.synthesis import load_pairs
             syn_images, syn_masks = load_pairs(cfg)
             sets["unet_D_s_plus_synth"] = (imgs + syn_images, d_s + syn_masks)
     if "supervised" in rows:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .io import atomic_write_json, read_json
+from fgbg_utils.io import atomic_write_json, read_json
 
 STAGES = {
     "00": "00_toy_world", "01": "01_attention_maps", "02": "02_binarization",

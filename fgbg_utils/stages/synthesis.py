@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import models, seeds
-from .io import atomic_save_npz, atomic_save_png, atomic_write_json, atomic_write_text, read_json
-from .params import resolved_prompt
-from .run_folder import StageError, metrics_path, open_stage, require_stage, update_stage
+from fgbg_utils.core import models, seeds
+from fgbg_utils.io import (atomic_save_npz, atomic_save_png, atomic_write_json, atomic_write_text, read_json)
+from fgbg_utils.runs.params import resolved_prompt
+from fgbg_utils.runs.run_folder import (StageError, metrics_path, open_stage, require_stage, update_stage)
 
 STAGE = "05_synthesis"
 STAGE02, STAGE03, STAGE04 = "02_binarization", "03_finetuning", "04_refinement"
@@ -38,7 +38,7 @@ def n_images(cfg: dict) -> int:
     n = cfg["synthesis"]["n_images"]
     if n is not None:
         return n
-    from .data import load_dataset
+    from fgbg_utils.data.loader import load_dataset
     return sum(r.split == "train" for r in load_dataset(cfg)[0])
 
 
@@ -83,7 +83,7 @@ def pipeline_cfg(cfg: dict) -> dict:
 
 def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
     """Sample D', run stages 01/02/04 on it, export D'_s, D'_f, D'_b; backgrounds and the sweep."""
-    from .finetune import load_finetuned
+    from fgbg_utils.training.finetune import load_finetuned
 
     s03 = require_stage(cfg, STAGE03, "stage 05 (synthesis)")
     s04 = require_stage(cfg, STAGE04, "stage 05 (synthesis)")  # its settings refine D' too
@@ -126,7 +126,7 @@ def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progr
     run computes every image in the same batch as the first run: the same images, bit for bit."""
     from tqdm.auto import tqdm
 
-    from .synthesis import sample_guided
+    from fgbg_utils.core.synthesis import sample_guided
 
     bs = cfg["synthesis"]["batch_size"]
     chunks = [ids[k:k + bs] for k in range(0, len(ids), bs)]
@@ -147,7 +147,7 @@ def _write_split(root: Path, ids) -> None:
 
 
 def _write_sweep(cfg, ldm, path: Path, y_f, y_b) -> None:
-    from .synthesis import guidance_sweep
+    from fgbg_utils.core.synthesis import guidance_sweep
 
     scfg = cfg["synthesis"]
     scales = [float(v) for v in scfg["sweep_scales"]]
@@ -161,7 +161,7 @@ def _write_sweep(cfg, ldm, path: Path, y_f, y_b) -> None:
 def _run_pipeline(cfg: dict, progress: bool, base, tuned) -> dict:
     """Stages 01, 02, 04 on D' with the models already loaded (each stage resumes by itself; a
     finished one is not rerun)."""
-    from . import stage_attention, stage_binarization, stage_refinement
+    from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization, refinement as stage_refinement
 
     pcfg = pipeline_cfg(cfg)
     if not _complete(pcfg, stage_attention.STAGE):
@@ -185,9 +185,9 @@ def _export(cfg: dict, ids, progress: bool) -> None:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .stage_attention import load_frame
-    from .frame import canvas_to_original
-    from .stage_refinement import load_refined, out_path
+    from fgbg_utils.stages.attention_maps import load_frame
+    from fgbg_utils.core.frame import canvas_to_original
+    from fgbg_utils.stages.refinement import load_refined, out_path
 
     pcfg = pipeline_cfg(cfg)
     root = stage_root(cfg)
@@ -207,8 +207,8 @@ def _export(cfg: dict, ids, progress: bool) -> None:
 def load_pairs(cfg: dict):
     """D'_s as (images, bool masks) at image size, read back through the folder-dataset loader;
     lazy sequences (each item is read when accessed)."""
-    from .datasets import load_image, load_mask, load_records
-    from .lazy import LazySequence
+    from fgbg_utils.data.datasets import load_image, load_mask, load_records
+    from fgbg_utils.data.lazy import LazySequence
 
     records = load_records("folder", stage_root(cfg) / "dataset")
     missing = [r.id for r in records if r.mask is None]

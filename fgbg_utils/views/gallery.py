@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from .data import load_dataset
-from .datasets import load_image, load_mask
-from .frame import canvas_to_original
-from .io import read_json
-from .stage_attention import STAGE as STAGE01, load_map
+from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.data.datasets import load_image, load_mask
+from fgbg_utils.core.frame import canvas_to_original
+from fgbg_utils.io import read_json
+from fgbg_utils.stages.attention_maps import STAGE as STAGE01, load_map
 
 
 def summary01(cfg: dict) -> dict:
@@ -39,7 +39,7 @@ def attention_row(cfg: dict, image_id: str, records=None) -> dict:
 
 
 def binarization_row(cfg: dict, image_id: str, records=None) -> dict:
-    from .stage_binarization import load_mpre
+    from fgbg_utils.stages.binarization import load_mpre
 
     row = attention_row(cfg, image_id, records)
     m = load_map(cfg, image_id)
@@ -49,7 +49,7 @@ def binarization_row(cfg: dict, image_id: str, records=None) -> dict:
 
 def per_image_iou(cfg: dict, ids: list[str], records=None) -> dict[str, float]:
     """fg IoU of M_pre per image (images with ground truth only)."""
-    from .metrics import SegmentationMeter
+    from fgbg_utils.core.metrics import SegmentationMeter
 
     records = records or records_by_id(cfg)
     out = {}

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from .binarize import binarize
-from .data import load_dataset
-from .datasets import load_mask
-from .frame import canvas_to_original
-from .io import atomic_save_png, atomic_write_json, read_json
-from .run_folder import metrics_path, open_stage, require_stage, update_stage
-from .stage_attention import STAGE as STAGE01, load_map
+from fgbg_utils.core import metrics as M
+from fgbg_utils.core.binarize import binarize
+from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.data.datasets import load_mask
+from fgbg_utils.core.frame import canvas_to_original
+from fgbg_utils.io import atomic_save_png, atomic_write_json, read_json
+from fgbg_utils.runs.run_folder import metrics_path, open_stage, require_stage, update_stage
+from fgbg_utils.stages.attention_maps import STAGE as STAGE01, load_map
 
 STAGE = "02_binarization"
 
@@ -112,7 +112,7 @@ def _score(pairs, cfg: dict, summary01: dict) -> dict:
 
 
 def _sweep_update(sweep, m, frame, gt, factor, cfg):
-    from .attention import minmax
+    from fgbg_utils.core.attention import minmax
 
     per_t = m["per_timestep"].astype(np.float32)
     cum = np.cumsum(per_t, 0) / np.arange(1, len(per_t) + 1)[:, None, None]

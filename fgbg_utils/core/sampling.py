@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import attention, models, seeds
-from .models import LDM
+from fgbg_utils.core import attention, models, seeds
+from fgbg_utils.core.models import LDM
 
 
 def make_pipeline(ldm: LDM):
@@ -44,7 +44,7 @@ def presence_scores(ldm: LDM, images: np.ndarray, prompt: str, words: list[str],
                     seed: int = 0, grid_steps: int = 50, batch_rows: int = 160) -> np.ndarray:
     """Peak of the raw (un-normalised) M̂ of the object word per image: high when the model finds
     the object. images: (n, R, R, 3) in [0, 1] at the model's resolution."""
-    from .tokens import prompt_positions
+    from fgbg_utils.core.tokens import prompt_positions
 
     pos = prompt_positions(ldm.tokenizer, prompt, words)
     flat = [p for w in words for p in pos[w]]

@@ -9,17 +9,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from . import models, seeds
-from .data import load_dataset
-from .datasets import load_image, load_mask
-from .frame import canvas_to_original, image_to_canvas
-from .inpaint import inpaint_background, make_inpaint_pipeline, vae_roundtrip
-from .io import atomic_save_png, atomic_write_json, read_json
-from .refine import difference_map, m_crop_fill, optional_postprocess, refine_mask, upsample_mask
-from .run_folder import metrics_path, open_stage, require_stage, update_stage
-from .stage_attention import STAGE as STAGE01
-from .stage_binarization import STAGE as STAGE02, load_mpre
+from fgbg_utils.core import metrics as M
+from fgbg_utils.core import models, seeds
+from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.data.datasets import load_image, load_mask
+from fgbg_utils.core.frame import canvas_to_original, image_to_canvas
+from fgbg_utils.core.inpaint import inpaint_background, make_inpaint_pipeline, vae_roundtrip
+from fgbg_utils.io import atomic_save_png, atomic_write_json, read_json
+from fgbg_utils.core.refine import (difference_map, m_crop_fill, optional_postprocess, refine_mask, upsample_mask)
+from fgbg_utils.runs.run_folder import metrics_path, open_stage, require_stage, update_stage
+from fgbg_utils.stages.attention_maps import STAGE as STAGE01
+from fgbg_utils.stages.binarization import STAGE as STAGE02, load_mpre
 
 STAGE = "04_refinement"
 STAGE03 = "03_finetuning"
@@ -47,7 +47,7 @@ def run(cfg: dict, force: bool = False, progress: bool = True, finetune_run: str
     rcfg = cfg["refinement"]
     out_dir = open_stage(cfg, STAGE, {"from": [s02["fingerprint"], s03["fingerprint"]], **rcfg,
                                       "seed": cfg["seed"]}, force)
-    from .finetune import load_finetuned
+    from fgbg_utils.training.finetune import load_finetuned
 
     if models_loaded is None:
         base = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], cfg["dtype"])
@@ -106,7 +106,7 @@ def _refine_group(cfg, base, tuned, pipe, group) -> dict:
 
 def evaluate(cfg: dict, summary01: dict, records: dict) -> dict:
     """preliminary / refined / m_crop against ground truth on the evaluation split."""
-    from .stage_attention import load_frame
+    from fgbg_utils.stages.attention_maps import load_frame
 
     split = cfg["evaluation"]["split"]
     meters = {k: M.SegmentationMeter() for k in ("preliminary", "refined", "m_crop")}

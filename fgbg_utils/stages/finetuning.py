@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import models
-from .data import load_dataset
-from .datasets import load_image
-from .finetune import FinetuneConfig, train
-from .frame import image_to_canvas
-from .params import resolved_prompt
-from . import seeds
-from .io import atomic_write_json
-from .run_folder import metrics_path, open_stage, require_stage, update_stage
-from .stage_binarization import STAGE as STAGE02, load_mpre
+from fgbg_utils.core import models
+from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.data.datasets import load_image
+from fgbg_utils.training.finetune import FinetuneConfig, train
+from fgbg_utils.core.frame import image_to_canvas
+from fgbg_utils.runs.params import resolved_prompt
+from fgbg_utils.core import seeds
+from fgbg_utils.io import atomic_write_json
+from fgbg_utils.runs.run_folder import metrics_path, open_stage, require_stage, update_stage
+from fgbg_utils.stages.binarization import STAGE as STAGE02, load_mpre
 
 STAGE = "03_finetuning"
 
@@ -77,8 +77,8 @@ def evaluate_samples(cfg: dict, base, items, out: Path) -> dict:
     word (stage 01's M̂ before normalisation). The threshold is the 5th percentile of that score
     on the real training images, which all contain the object; a sample scoring below it counts
     as object-free."""
-    from .finetune import load_finetuned
-    from .sampling import presence_scores, sample_images
+    from fgbg_utils.training.finetune import load_finetuned
+    from fgbg_utils.core.sampling import presence_scores, sample_images
 
     fc = cfg["finetune"]
     tuned = load_finetuned(base, out)

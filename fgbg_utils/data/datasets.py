@@ -327,9 +327,9 @@ def check_images(records: list[Record], on_corrupt: str = "skip"
 
 # ----------------------------------------------------------------------------- toy writer
 def _toy_params(n_train, n_test, seed, image_size, background_fraction) -> dict:
-    from .toy import GENERATOR_VERSION
+    from fgbg_utils.data.toy import GENERATOR_VERSION
 
-    return {"generator": "fgbg_utils.toy.generate_arrays", "version": GENERATOR_VERSION,
+    return {"generator": "fgbg_utils.data.toy.generate_arrays", "version": GENERATOR_VERSION,
             "n_train": int(n_train),
             "n_test": int(n_test), "seed": int(seed), "image_size": int(image_size),
             "background_fraction": float(background_fraction)}
@@ -354,7 +354,7 @@ def _check_existing(root: Path, params: dict) -> bool:
 
 
 def _write_toy_files(tmp: Path, params: dict) -> None:
-    from . import toy
+    from fgbg_utils.data import toy
 
     n_train, n = params["n_train"], params["n_train"] + params["n_test"]
     images, masks, captions, metas = toy.generate_arrays(

@@ -6,16 +6,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from . import gallery, seeds
-from .datasets import load_image, load_mask
-from .frame import canvas_to_original, image_to_canvas
-from .rectangles import RectRules, training_mask
-from .refine import upsample_mask
+from fgbg_utils.views import gallery
+from fgbg_utils.core import seeds
+from fgbg_utils.data.datasets import load_image, load_mask
+from fgbg_utils.core.frame import canvas_to_original, image_to_canvas
+from fgbg_utils.core.rectangles import RectRules, training_mask
+from fgbg_utils.core.refine import upsample_mask
 
 
 def rectangle_examples(cfg: dict, n: int = 6):
     """Training images with M_pre (red) and one sampled training mask each (green: supervised)."""
-    from .stage_binarization import load_mpre
+    from fgbg_utils.stages.binarization import load_mpre
 
     s = gallery.summary01(cfg)
     ids = [i for i in s["images"] if s["splits"][i] == "train"][:n]
@@ -58,10 +59,10 @@ def sample_grid(cfg: dict, n: int = 8):
 
 def refinement_rows(cfg: dict, best: int = 3, worst: int = 3) -> list[dict]:
     """Gallery rows for the best and worst refined masks (fg IoU) of the evaluation split."""
-    from .metrics import SegmentationMeter
-    from .stage_attention import load_frame
-    from .stage_binarization import load_mpre
-    from .stage_refinement import load_refined, out_path
+    from fgbg_utils.core.metrics import SegmentationMeter
+    from fgbg_utils.stages.attention_maps import load_frame
+    from fgbg_utils.stages.binarization import load_mpre
+    from fgbg_utils.stages.refinement import load_refined, out_path
     from PIL import Image
 
     records = gallery.records_by_id(cfg)

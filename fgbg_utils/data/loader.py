@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .params import PROJECT_ROOT
-from .run_folder import fingerprint
+from fgbg_utils.runs.params import PROJECT_ROOT
+from fgbg_utils.runs.run_folder import fingerprint
 
 
 def toy_generator_params(cfg: dict) -> dict:
-    from .toy import GENERATOR_VERSION
+    from fgbg_utils.data.toy import GENERATOR_VERSION
 
     ds = cfg["dataset"]
     return {**{k: ds[k] for k in ("seed", "n_train", "n_test", "image_size", "background_fraction")},
@@ -17,7 +17,7 @@ def toy_generator_params(cfg: dict) -> dict:
 
 def dataset_root(cfg: dict) -> Path:
     """The dataset folder; for the toy world it is generated (cached by its parameters)."""
-    from .datasets import write_toy_dataset
+    from fgbg_utils.data.datasets import write_toy_dataset
 
     ds = cfg["dataset"]
     if ds["kind"] != "toy":
@@ -33,7 +33,7 @@ def dataset_root(cfg: dict) -> Path:
 
 def load_dataset(cfg: dict):
     """Records of the configured splits, with unreadable images skipped (listed) or refused."""
-    from .datasets import check_images, load_records
+    from fgbg_utils.data.datasets import check_images, load_records
 
     ds = cfg["dataset"]
     records = load_records(ds["kind"], dataset_root(cfg), seed=ds["seed"],
