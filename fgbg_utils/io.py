@@ -47,6 +47,8 @@ def _json_default(o):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
+    if hasattr(o, "model_dump"):  # the typed config and its sections
+        return o.model_dump()
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 

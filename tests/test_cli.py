@@ -82,6 +82,8 @@ def test_report_of_an_empty_folder(tmp_path, capsys):
 
 def test_stage_command_names_the_missing_stage(tmp_path, capsys):
     code, err = run_cli(["stage", "06", TOY, "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "stage 06 (evaluation) needs the outputs of stage 02_binarization" in err
+    assert code == 2 and ("stage 06 (evaluation) needs the outputs of stage 01_attention_maps, "
+                          "02_binarization, 03_finetuning, 04_refinement, 05_synthesis") in err
+    assert "notebooks/03_finetuning.ipynb" in err and "--stages 01,02,03,04,05" in err
     code, err = run_cli(["stage", "05", TOY, "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "03_finetuning" in err and "--stages 03" in err
+    assert code == 2 and "03_finetuning" in err and "--stages 01,02,03,04 " in err

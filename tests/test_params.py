@@ -14,9 +14,9 @@ def write(tmp_path, data, name="p.yaml"):
 
 def test_defaults_and_file_merge(tmp_path):
     cfg = load_params(write(tmp_path, {"T0": 10, "dataset": {"seed": 3}}))
-    assert cfg["T0"] == 10 and cfg["dataset"]["seed"] == 3
-    assert cfg["dataset"]["n_train"] == 96  # untouched default
-    assert cfg["run_dir"].startswith("/")   # resolved
+    assert cfg.T0 == 10 and cfg.dataset.seed == 3
+    assert cfg.dataset.n_train == 96  # untouched default
+    assert cfg.run_dir.startswith("/")   # resolved
 
 
 @pytest.mark.parametrize("data,needle", [
@@ -46,7 +46,7 @@ def test_suggests_close_key(tmp_path):
 
 def test_overrides_dotted_and_typed(tmp_path):
     cfg = load_params(write(tmp_path, {}), ["dataset.seed=7", "attention.sweep=false", "T0=12"])
-    assert cfg["dataset"]["seed"] == 7 and cfg["attention"]["sweep"] is False and cfg["T0"] == 12
+    assert cfg.dataset.seed == 7 and cfg.attention.sweep is False and cfg.T0 == 12
     with pytest.raises(ParamsError, match="override dataset.sed"):
         load_params(write(tmp_path, {}), ["dataset.sed=7"])
     with pytest.raises(ParamsError, match="KEY=VALUE"):
@@ -55,7 +55,7 @@ def test_overrides_dotted_and_typed(tmp_path):
 
 def test_int_accepted_for_float(tmp_path):
     cfg = load_params(write(tmp_path, {"dataset": {"test_fraction": 1}}))
-    assert cfg["dataset"]["test_fraction"] == 1.0
+    assert cfg.dataset.test_fraction == 1.0
 
 
 def test_missing_and_invalid_yaml(tmp_path):
@@ -71,9 +71,9 @@ def test_missing_and_invalid_yaml(tmp_path):
 def test_shipped_params_are_valid(name):
     from fgbg_utils.runs.params import PROJECT_ROOT
     cfg = load_params(PROJECT_ROOT / "params" / name)
-    assert cfg["object"] in cfg["prompt"].replace("{object}", cfg["object"])
+    assert cfg.object in cfg.prompt.replace("{object}", cfg.object)
 
 
 def test_override_scientific_notation(tmp_path):
     cfg = load_params(write(tmp_path, {}), ["finetune.learning_rate=3e-5", "object=shape"])
-    assert cfg["finetune"]["learning_rate"] == 3e-5 and cfg["object"] == "shape"
+    assert cfg.finetune.learning_rate == 3e-5 and cfg.object == "shape"

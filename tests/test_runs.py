@@ -19,7 +19,7 @@ def cfg_for(tmp_path, name, **extra):
 
 
 def masks_of(cfg):
-    s = json.loads((stage_attention.Path(cfg["run_dir"]) / "01_attention_maps" / "summary.json").read_text())
+    s = json.loads((stage_attention.Path(cfg.run_dir) / "01_attention_maps" / "summary.json").read_text())
     return {i: stage_binarization.load_mpre(cfg, i) for i in s["images"]}
 
 
@@ -47,7 +47,7 @@ def test_deterministic_and_resumable(tmp_path):
 def test_changed_parameters_are_refused_unless_forced(tmp_path):
     cfg = cfg_for(tmp_path, "c")
     stage_attention.run(cfg, progress=False)
-    other = load_params(TOY, {**TINY, "T0": 5}, run_dir=cfg["run_dir"])
+    other = load_params(TOY, {**TINY, "T0": 5}, run_dir=cfg.run_dir)
     with pytest.raises(StageError, match="other parameters"):
         stage_attention.run(other, progress=False)
     assert stage_attention.run(other, force=True, progress=False)["n_computed"] == 6

@@ -83,7 +83,7 @@ def _cfg(name: str, data_root: Path, tmp_path: Path, **extra) -> dict:
                  "attention.grid_steps": 50, "attention.sweep": False, "object": "bird",
                  "device": "cpu", "dtype": "float32", **extra}
     cfg = load_params(params, overrides=overrides, run_dir=str(tmp_path / "run"))
-    assert cfg["dataset"]["kind"] == name  # the kind comes from the YAML
+    assert cfg.dataset.kind == name  # the kind comes from the YAML
     return cfg
 
 
@@ -100,9 +100,9 @@ def _check_run(cfg: dict, n_images: int, n_eval: int):
     assert summary["timesteps"] == [1, 21, 41]
 
     ids = summary["images"]
-    records = {r.id: r for r in load_records(cfg["dataset"]["kind"], cfg["dataset"]["root"],
-                                             seed=cfg["dataset"]["seed"],
-                                             test_fraction=cfg["dataset"]["test_fraction"])}
+    records = {r.id: r for r in load_records(cfg.dataset.kind, cfg.dataset.root,
+                                             seed=cfg.dataset.seed,
+                                             test_fraction=cfg.dataset.test_fraction)}
     assert sorted(ids) == sorted(records)
     for image_id in ids:
         m = stage_attention.load_map(cfg, image_id)
@@ -125,7 +125,7 @@ def _check_run(cfg: dict, n_images: int, n_eval: int):
         assert mpre.shape == (LATENT, LATENT) and mpre.dtype == bool
         assert not mpre[~stage_attention.load_map(cfg, image_id)["frame"].valid(2)].any()
 
-    path = Path(cfg["run_dir"]) / "metrics" / "02_binarization.json"
+    path = Path(cfg.run_dir) / "metrics" / "02_binarization.json"
     metrics = json.loads(path.read_text())
     assert metrics == json.loads(json.dumps(result))
     assert metrics["n_images"] == n_eval
@@ -139,7 +139,7 @@ def _check_run(cfg: dict, n_images: int, n_eval: int):
     assert metrics["baselines"]["all_foreground"]["recall"] == 1.0
 
     # rerun: nothing is recomputed, outputs untouched
-    stamps = {p: p.stat().st_mtime_ns for p in (Path(cfg["run_dir"]) / "01_attention_maps" / "maps").iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in (Path(cfg.run_dir) / "01_attention_maps" / "maps").iterdir()}
     again = stage_attention.run(cfg, progress=False)
     assert again["n_computed"] == 0 and again["images"] == ids
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

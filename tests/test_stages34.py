@@ -28,7 +28,7 @@ def run(tmp_path_factory):
 
 def test_refined_is_subset_of_preliminary(run):
     cfg, _, _ = run
-    f = json.loads((stage_attention.Path(cfg["run_dir"]) / "01_attention_maps" / "summary.json").read_text())
+    f = json.loads((stage_attention.Path(cfg.run_dir) / "01_attention_maps" / "summary.json").read_text())
     for i in f["images"]:
         up = upsample_mask(stage_binarization.load_mpre(cfg, i), f["vae_factor"])
         for kind in ("refined", "m_crop"):
@@ -44,8 +44,8 @@ def test_outputs_and_metrics(run):
         for m in ("acc", "iou", "miou", "iou_per_image", "dice_per_image"):
             assert 0 <= s04[key][m] <= 1
     for kind in stage_refinement.OUTPUTS:
-        assert len(list((stage_attention.Path(cfg["run_dir"]) / "04_refinement" / kind).glob("*.png"))) == 5
-    saved = json.loads((stage_attention.Path(cfg["run_dir"]) / "03_finetuning" / "fgbg_finetune.json").read_text())
+        assert len(list((stage_attention.Path(cfg.run_dir) / "04_refinement" / kind).glob("*.png"))) == 5
+    saved = json.loads((stage_attention.Path(cfg.run_dir) / "03_finetuning" / "fgbg_finetune.json").read_text())
     assert saved["max_train_steps"] == 4 and saved["mode"] == "full"
 
 
@@ -56,14 +56,14 @@ def test_rerun_skips_and_resumes(run):
 
 def test_missing_stages_are_named(tmp_path):
     cfg = load_params(TOY, TINY, run_dir=str(tmp_path / "empty"))
-    with pytest.raises(StageError, match="02_binarization.*--stages 02"):
+    with pytest.raises(StageError, match="01_attention_maps, 02_binarization.*--stages 01,02 "):
         stage_finetune.run(cfg, progress=False)
-    with pytest.raises(StageError, match="--stages 02"):
+    with pytest.raises(StageError, match="--stages 01,02,03 "):
         stage_refinement.run(cfg, progress=False)
 
 
 def test_max_train_steps_required(run, tmp_path):
     cfg, _, _ = run
-    bad = load_params(TOY, {**TINY, "finetune.max_train_steps": None}, run_dir=cfg["run_dir"])
+    bad = load_params(TOY, {**TINY, "finetune.max_train_steps": None}, run_dir=cfg.run_dir)
     with pytest.raises(ValueError, match="finetune.max_train_steps"):
         stage_finetune.run(bad, progress=False)

@@ -40,7 +40,7 @@ def run(tmp_path_factory):
 
 def test_synthetic_pairs_use_the_real_dataset_layout(run):
     cfg, s05, _ = run
-    root = Path(cfg["run_dir"]) / "05_synthesis"
+    root = Path(cfg.run_dir) / "05_synthesis"
     records = load_records("folder", root / "dataset")
     assert [r.id for r in records] == ["syn-00000", "syn-00001", "syn-00002"]
     for r in records:
@@ -54,7 +54,7 @@ def test_synthetic_pairs_use_the_real_dataset_layout(run):
         assert (root / "backgrounds" / f"{r.id}.png").exists()
     # D' masks come from the same pipeline: stage 01 with the pretrained model, stage 04 with m'
     p01 = json.loads((root / "pipeline" / "01_attention_maps" / "stage.json").read_text())
-    assert p01["params"]["model"]["path"] == cfg["model"]["path"]
+    assert p01["params"]["model"]["path"] == cfg.model.path
     pcfg = stage_synthesis.pipeline_cfg(cfg)
     assert stage_attention.load_frame(pcfg, "syn-00001") == stage_attention.load_map(pcfg, "syn-00001")["frame"]
     refined = stage_refinement.load_refined(pcfg, "syn-00001")
@@ -67,7 +67,7 @@ def test_synthetic_pairs_use_the_real_dataset_layout(run):
 
 def test_resumed_synthesis_gives_the_same_images(run):
     cfg, _, _ = run
-    root = Path(cfg["run_dir"]) / "05_synthesis"
+    root = Path(cfg.run_dir) / "05_synthesis"
     before = np.asarray(Image.open(root / "dataset" / "images" / "syn-00002.png")).copy()
     (root / "dataset" / "images" / "syn-00002.png").unlink()  # as if interrupted before it
     stage_synthesis.run(cfg, progress=False)
@@ -82,16 +82,16 @@ def test_table_rows_match_the_earlier_stages(run):
     for row in rows.values():
         for k in ("acc", "iou", "miou", "iou_per_image", "dice_per_image", "box_iou"):
             assert 0 <= row[k] <= 1
-    s02 = json.loads((Path(cfg["run_dir"]) / "metrics" / "02_binarization.json").read_text())
-    s04 = json.loads((Path(cfg["run_dir"]) / "metrics" / "04_refinement.json").read_text())
+    s02 = json.loads((Path(cfg.run_dir) / "metrics" / "02_binarization.json").read_text())
+    s04 = json.loads((Path(cfg.run_dir) / "metrics" / "04_refinement.json").read_text())
     assert rows["M_pre"]["iou"] == pytest.approx(s02["iou"])
     assert rows["M"]["iou"] == pytest.approx(s04["refined"]["iou"])
     assert rows["M_crop"]["iou"] == pytest.approx(s04["m_crop"]["iou"])
     assert s06["training"]["unet_D_s_plus_synth"]["n_images"] == 3 + 3
     assert s06["n_test_scored"] == 2 and s06["test_without_ground_truth"] == []
-    saved = json.loads((Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json").read_text())
+    saved = json.loads((Path(cfg.run_dir) / "metrics" / "06_evaluation.json").read_text())
     assert set(saved["rows"]) == set(rows) and "object_free_check" in saved
-    preds = list((Path(cfg["run_dir"]) / "06_evaluation" / "predictions" / "unet_D_s").glob("*.png"))
+    preds = list((Path(cfg.run_dir) / "06_evaluation" / "predictions" / "unet_D_s").glob("*.png"))
     assert len(preds) == 2
 
 
@@ -113,7 +113,7 @@ def test_missing_ground_truth_is_skipped_and_listed(run, tmp_path):
     (data / "masks" / f"{test_ids[0]}.png").unlink()
     (data / "masks" / f"{train_ids[0]}.png").unlink()
     run_dir = tmp_path / "run"
-    shutil.copytree(cfg["run_dir"], run_dir)
+    shutil.copytree(cfg.run_dir, run_dir)
     other = load_params(TOY, {**TINY, "dataset.kind": "folder", "dataset.root": str(data)},
                         run_dir=str(run_dir))
     res = stage_evaluation.run(other, force=True, progress=False, log=lambda m: None)
@@ -129,7 +129,7 @@ def test_no_ground_truth_at_all_still_trains(run, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(_toy_root(cfg), data, ignore=shutil.ignore_patterns("masks"))
     run_dir = tmp_path / "run"
-    shutil.copytree(cfg["run_dir"], run_dir)
+    shutil.copytree(cfg.run_dir, run_dir)
     other = load_params(TOY, {**TINY, "dataset.kind": "folder", "dataset.root": str(data)},
                         run_dir=str(run_dir))
     res = stage_evaluation.run(other, force=True, progress=False, log=lambda m: None)
@@ -145,7 +145,7 @@ def _toy_root(cfg):
 
 def test_empty_test_split_is_refused(run):
     cfg, _, _ = run
-    bad = load_params(TOY, {**TINY, "dataset.splits": ["train"]}, run_dir=cfg["run_dir"])
+    bad = load_params(TOY, {**TINY, "dataset.splits": ["train"]}, run_dir=cfg.run_dir)
     with pytest.raises(StageError, match="evaluation.split.*'test' has no images"):
         stage_evaluation.run(bad, progress=False)
 
@@ -153,7 +153,7 @@ def test_empty_test_split_is_refused(run):
 def test_disk_budget_is_checked_before_sampling(run, tmp_path):
     cfg, _, _ = run
     run_dir = tmp_path / "run"
-    shutil.copytree(cfg["run_dir"], run_dir, ignore=shutil.ignore_patterns("05_synthesis"))
+    shutil.copytree(cfg.run_dir, run_dir, ignore=shutil.ignore_patterns("05_synthesis"))
     big = load_params(TOY, {**TINY, "synthesis.n_images": 10**6, "synthesis.disk_budget_gb": 1},
                       run_dir=str(run_dir))
     with pytest.raises(StageError, match="synthesis.n_images=1000000 needs up to .*disk_budget_gb=1"):
@@ -186,16 +186,16 @@ def test_ordering_and_box_metrics():
 
 def test_report_holds_table_and_notebooks(run):
     cfg, _, _ = run
-    nb_dir = Path(cfg["run_dir"]) / "notebooks"
+    nb_dir = Path(cfg.run_dir) / "notebooks"
     with pytest.raises(StageError, match="no executed notebooks"):
-        write_report(cfg["run_dir"])
+        write_report(cfg.run_dir)
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# Evaluation story"),
                 nbformat.v4.new_code_cell("print(42)", outputs=[
                     nbformat.v4.new_output("stream", name="stdout", text="42\n")])]
     nb_dir.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, nb_dir / "06_evaluation.ipynb")
-    path = write_report(cfg["run_dir"])
+    path = write_report(cfg.run_dir)
     text = path.read_text()
     assert "U-Net(D_s ∪ D&#x27;_s) (stage 06)" in text or "U-Net(D_s ∪ D'_s) (stage 06)" in text
     assert "Evaluation story" in text and "88.3" in text

@@ -58,8 +58,8 @@ def main(argv=None) -> int:
             from accelerate import PartialState
             if PartialState().is_main_process:
                 from fgbg_utils.runs.runner import metrics_table
-                print(f"stage {args.number} done in {cfg['run_dir']}\n")
-                print(metrics_table(cfg["run_dir"]))
+                print(f"stage {args.number} done in {cfg.run_dir}\n")
+                print(metrics_table(cfg.run_dir))
         elif args.cmd == "metrics":
             from fgbg_utils.runs.runner import metrics_table
             print(metrics_table(args.run_dir))

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from fgbg_utils.io import atomic_write_text
-from fgbg_utils.runs.run_folder import STAGES, StageError
+from fgbg_utils.runs.run_folder import StageError
+from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
 
 def _table_html(run_dir: Path) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fgbg_utils.io import atomic_write_json, read_json
 from fgbg_utils.runs.params import PROJECT_ROOT, ParamsError, load_params, save_params
-from fgbg_utils.runs.run_folder import STAGES
+from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "scikit-learn", "numpy",

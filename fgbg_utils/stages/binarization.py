@@ -13,14 +13,14 @@ from fgbg_utils.data.loader import load_dataset
 from fgbg_utils.data.datasets import load_mask
 from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.io import atomic_save_png, atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import metrics_path, open_stage, require_stage, update_stage
+from fgbg_utils.runs.run_folder import locked_stage, metrics_path, open_stage, update_stage
 from fgbg_utils.stages.attention_maps import STAGE as STAGE01, load_map
 
 STAGE = "02_binarization"
 
 
 def mask_path(cfg: dict, image_id: str) -> Path:
-    return Path(cfg["run_dir"]) / STAGE / "masks" / f"{image_id}.png"
+    return Path(cfg.run_dir) / STAGE / "masks" / f"{image_id}.png"
 
 
 def load_mpre(cfg: dict, image_id: str) -> np.ndarray:
@@ -29,11 +29,11 @@ def load_mpre(cfg: dict, image_id: str) -> np.ndarray:
     return np.asarray(Image.open(mask_path(cfg, image_id))) > 127
 
 
-def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
+@locked_stage("02")
+def run(cfg, force: bool = False, progress: bool = True) -> dict:
     """Binarize every M̂ of stage 01 into M_pre (PNG on the latent grid); then score."""
-    s01 = require_stage(cfg, STAGE01, "stage 02 (binarization)")
-    out_dir = open_stage(cfg, STAGE, {"from": s01["fingerprint"], **cfg["binarization"]}, force)
-    summary01 = read_json(Path(cfg["run_dir"]) / STAGE01 / "summary.json")
+    out_dir, force = open_stage(cfg, "02", force)
+    summary01 = read_json(Path(cfg.run_dir) / STAGE01 / "summary.json")
     gmm_path = out_dir / "gmm.json"
     gmm = read_json(gmm_path) if gmm_path.exists() and not force else {}
     factor = summary01["vae_factor"]
@@ -41,14 +41,14 @@ def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
         if image_id in gmm and mask_path(cfg, image_id).exists():
             continue
         m = load_map(cfg, image_id)
-        mask, info = binarize(m["mhat"], m["frame"].valid(factor), seed=cfg["binarization"]["gmm_seed"],
-                              orphan=cfg["binarization"]["orphan_filter"], name=f"M̂ of {image_id}")
+        mask, info = binarize(m["mhat"], m["frame"].valid(factor), seed=cfg.binarization.gmm_seed,
+                              orphan=cfg.binarization.orphan_filter, name=f"M̂ of {image_id}")
         atomic_save_png(mask_path(cfg, image_id), mask)
         gmm[image_id] = info
     atomic_write_json(gmm_path, gmm)
     result = evaluate(cfg, summary01, gmm)
-    atomic_write_json(metrics_path(cfg, STAGE), result)
-    update_stage(cfg, STAGE, complete=True)
+    atomic_write_json(metrics_path(cfg, "02"), result)
+    update_stage(cfg, "02", complete=True)
     return result
 
 
@@ -69,10 +69,10 @@ def _image_shape(path) -> tuple[int, int]:
 def evaluate(cfg: dict, summary01: dict, gmm: dict) -> dict:
     """Pooled ACC / IoU / mIoU, per-image IoU and Dice, AUC-ROC of M̂, baselines and the T0 sweep."""
     pairs = _ground_truth(cfg, summary01)
-    split = cfg["evaluation"]["split"]
+    split = cfg.evaluation.split
     out = {"split": split, "n_images_total": len(summary01["images"]),
            "degenerate_maps": sorted(k for k, v in gmm.items() if v["degenerate"]),
-           "gmm_seed": cfg["binarization"]["gmm_seed"], "T0": cfg["T0"], "seed": cfg["seed"]}
+           "gmm_seed": cfg.binarization.gmm_seed, "T0": cfg.T0, "seed": cfg.seed}
     if not pairs:
         out["note"] = "no ground-truth masks: metrics skipped"
         return out
@@ -89,7 +89,7 @@ def evaluate(cfg: dict, summary01: dict, gmm: dict) -> dict:
 
 def _score(pairs, cfg: dict, summary01: dict) -> dict:
     mpre, allfg, disc = M.SegmentationMeter(), M.SegmentationMeter(), M.SegmentationMeter()
-    auc = M.BinnedAUC(cfg["evaluation"]["auc_bins"])
+    auc = M.BinnedAUC(cfg.evaluation.auc_bins)
     sweep = None
     area = float(np.mean([g.mean() for _, g in pairs]))
     for r, gt in pairs:
@@ -117,7 +117,7 @@ def _sweep_update(sweep, m, frame, gt, factor, cfg):
     per_t = m["per_timestep"].astype(np.float32)
     cum = np.cumsum(per_t, 0) / np.arange(1, len(per_t) + 1)[:, None, None]
     if sweep is None:
-        sweep = [M.BinnedAUC(cfg["evaluation"]["auc_bins"]) for _ in range(len(per_t))]
+        sweep = [M.BinnedAUC(cfg.evaluation.auc_bins) for _ in range(len(per_t))]
     valid = frame.valid(factor)
     for k, meter in enumerate(sweep):
         meter.update(canvas_to_original(minmax(cum[k], valid), frame, "soft"), gt)
@@ -126,7 +126,7 @@ def _sweep_update(sweep, m, frame, gt, factor, cfg):
 
 def _disc_auc(pairs, cfg) -> float:
     """AUC of a soft centred 'disc' score (1 - normalised distance to the centre)."""
-    auc = M.BinnedAUC(cfg["evaluation"]["auc_bins"])
+    auc = M.BinnedAUC(cfg.evaluation.auc_bins)
     for _, gt in pairs:
         h, w = gt.shape
         yy, xx = np.mgrid[0:h, 0:w]

@@ -13,7 +13,7 @@ from fgbg_utils.data.datasets import load_ground_truth, load_image
 from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.data.lazy import LazySequence
 from fgbg_utils.io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import (StageError, metrics_path, open_stage, require_stage, update_stage)
+from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, open_stage, update_stage
 from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop, resolve_device, train_segnet)
 
 STAGE = "06_evaluation"
@@ -27,17 +27,17 @@ ROW_LABELS = {"M_pre": "M_pre", "M_crop": "M_crop", "unet_M_pre": "U-Net(D, M_pr
 
 
 def seg_config(cfg: dict) -> SegConfig:
-    s = cfg["segmentation"]
+    s = cfg.segmentation
     return SegConfig(size=s["size"], base_width=s["base_width"], depth=s["depth"], steps=s["steps"],
                      batch_size=s["batch_size"], lr=float(s["lr"]),
                      lr_schedule=s["lr_schedule"], seed=s["seed"],
-                     threshold=float(s["threshold"]), hflip=s["hflip"], device=cfg["device"],
+                     threshold=float(s["threshold"]), hflip=s["hflip"], device=cfg.device,
                      log_every=max(1, s["steps"] // 4))
 
 
 def _splits(cfg: dict):
     records, _ = load_dataset(cfg)
-    split = cfg["evaluation"]["split"]
+    split = cfg.evaluation.split
     test = [r for r in records if r.split == split]
     train = [r for r in records if r.split == "train"]
     if not test:
@@ -49,15 +49,13 @@ def _splits(cfg: dict):
     return train, test
 
 
-def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dict:
+@locked_stage("06")
+def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     """Train the requested U-Nets (a finished one is loaded, not retrained) and score all rows."""
-    rows = list(cfg["segmentation"]["rows"])
-    fps = [require_stage(cfg, s, "stage 06 (evaluation)")["fingerprint"] for s in (STAGE02, STAGE04)]
-    if "unet_D_s_plus_synth" in rows:
-        fps.append(require_stage(cfg, STAGE05, "stage 06 (U-Net on D_s ∪ D'_s)")["fingerprint"])
+    rows = list(cfg.segmentation.rows)
+    inputs = ("02", "04", "05") if "unet_D_s_plus_synth" in rows else ("02", "04")
     train, test = _splits(cfg)
-    out = open_stage(cfg, STAGE, {"from": fps, "segmentation": cfg["segmentation"],
-                                  "split": cfg["evaluation"]["split"]}, force)
+    out, force = open_stage(cfg, "06", force, inputs=inputs)
     if force:
         import shutil
         for sub in ("models", "predictions"):
@@ -67,11 +65,11 @@ def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dic
     frames = _frames(cfg, [r.id for r in train + test])
     by_id = {r.id: r for r in train + test}
     image_of = lambda i: load_image(by_id[i].image)  # noqa: E731 (images are loaded when used)
-    result = {"split": cfg["evaluation"]["split"], "n_train": len(train), "n_test": len(test),
-              "n_test_scored": len(gt_test), "protocol": cfg["segmentation"]["protocol"],
+    result = {"split": cfg.evaluation.split, "n_train": len(train), "n_test": len(test),
+              "n_test_scored": len(gt_test), "protocol": cfg.segmentation.protocol,
               "test_without_ground_truth": [{"id": i, "reason": why} for i, why in skipped_test],
-              "paper_cub_iou": PAPER_CUB_IOU, "segmentation": cfg["segmentation"],
-              "seed": cfg["seed"], "rows": {}, "training": {}, "skipped_rows": {}}
+              "paper_cub_iou": PAPER_CUB_IOU, "segmentation": cfg.segmentation,
+              "seed": cfg.seed, "rows": {}, "training": {}, "skipped_rows": {}}
     if skipped_test:
         log(f"stage 06: {len(skipped_test)} test image(s) have no usable ground truth and are not "
             f"scored: {', '.join(i for i, _ in skipped_test[:10])}{' …' if len(skipped_test) > 10 else ''}")
@@ -95,8 +93,8 @@ def run(cfg: dict, force: bool = False, progress: bool = True, log=print) -> dic
                           f"saved, metrics skipped ({len(skipped_test)} images listed)")
         log(f"stage 06: {result['note']}")
     result["ordering"] = ordering(result["rows"])
-    atomic_write_json(metrics_path(cfg, STAGE), result)
-    update_stage(cfg, STAGE, complete=True)
+    atomic_write_json(metrics_path(cfg, "06"), result)
+    update_stage(cfg, "06", complete=True)
     return result
 
 
@@ -171,13 +169,13 @@ class _Scorer:
 
     def __init__(self, cfg: dict, gt: dict, image_of):
         self.cfg, self.gt, self.image_of = cfg, gt, image_of
-        self.crop = cfg["segmentation"]["protocol"] == "center_crop"
-        self.size = cfg["segmentation"]["size"]
+        self.crop = cfg.segmentation.protocol == "center_crop"
+        self.size = cfg.segmentation.size
         self.meters: dict[str, M.SegmentationMeter] = {}
         self.per_image: dict[str, dict[str, float]] = {}
 
     def _update(self, row: str, image_id: str, pred: np.ndarray, gt: np.ndarray) -> None:
-        boxes = self.cfg["evaluation"]["ground_truth_kind"] == "boxes"
+        boxes = self.cfg.evaluation.ground_truth_kind == "boxes"
         meter = self.meters.setdefault(row, M.SegmentationMeter(gt_is_boxes=boxes))
         meter.update(pred, gt)
         self.per_image.setdefault(row, {})[image_id] = meter.ious[-1]
@@ -228,19 +226,19 @@ def object_free_check(cfg: dict, detector, image_of, gt_test: dict) -> dict:
     detection rate (the share of object images it flags), the stage-03 samples and stage-05 pure
     backgrounds the shares of object-free samples."""
     scfg = seg_config(cfg)
-    thr = float(cfg["segmentation"]["detector_area"])
+    thr = float(cfg.segmentation.detector_area)
     area = lambda ims: np.array([p.mean() for p in predict(detector, ims, scfg)])
     out = {"detector": "supervised U-Net", "area_threshold": thr}
     real = LazySequence(list(gt_test), image_of)
     if real:
         out["real_test_detected"] = float((area(real) >= thr).mean())
-    samples = Path(cfg["run_dir"]) / "03_finetuning" / "samples.npz"
+    samples = Path(cfg.run_dir) / "03_finetuning" / "samples.npz"
     if samples.exists():
         with np.load(samples) as z:
             for key in z.files:
                 out[f"object_free_{key}"] = float((area(z[key]) < thr).mean())
                 out[f"n_{key}"] = int(len(z[key]))
-    bg = Path(cfg["run_dir"]) / STAGE05 / "pure_backgrounds"
+    bg = Path(cfg.run_dir) / STAGE05 / "pure_backgrounds"
     if bg.is_dir():
         files = sorted(bg.glob("*.png"))
         if files:

@@ -15,7 +15,7 @@ from fgbg_utils.core.frame import image_to_canvas
 from fgbg_utils.runs.params import resolved_prompt
 from fgbg_utils.core import seeds
 from fgbg_utils.io import atomic_write_json
-from fgbg_utils.runs.run_folder import metrics_path, open_stage, require_stage, update_stage
+from fgbg_utils.runs.run_folder import locked_stage, metrics_path, open_stage, update_stage
 from fgbg_utils.stages.binarization import STAGE as STAGE02, load_mpre
 
 STAGE = "03_finetuning"
@@ -25,9 +25,9 @@ EVAL_KEYS = ("eval_samples", "eval_steps", "eval_guidance")
 
 
 def finetune_config(cfg: dict) -> FinetuneConfig:
-    f = {k: v for k, v in cfg["finetune"].items() if k not in EVAL_KEYS}
-    return FinetuneConfig(**f, seed=cfg["seed"], prompt_full=resolved_prompt(cfg),
-                          prompt_background=cfg["background_prompt"])
+    f = {k: v for k, v in cfg.finetune.model_dump().items() if k not in EVAL_KEYS}
+    return FinetuneConfig(**f, seed=cfg.seed, prompt_full=resolved_prompt(cfg),
+                          prompt_background=cfg.background_prompt)
 
 
 def training_items(cfg: dict, ldm) -> list:
@@ -45,16 +45,15 @@ def training_items(cfg: dict, ldm) -> list:
     return items
 
 
-def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
-    s02 = require_stage(cfg, STAGE02, "stage 03 (fine-tuning)")
+@locked_stage("03")
+def run(cfg, force: bool = False, progress: bool = True) -> dict:
     fcfg = finetune_config(cfg)  # validates max_train_steps & co. before any work
-    out = open_stage(cfg, STAGE, {"from": s02["fingerprint"], "model": cfg["model"],
-                                  "finetune": cfg["finetune"], "seed": cfg["seed"]}, force)
+    out, force = open_stage(cfg, "03", force)
     if force:
         for sub in ("checkpoints", "unet", "lora"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "fgbg_finetune.json").unlink(missing_ok=True)
-    ldm = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], "float32")
+    ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, "float32")
     items = training_items(cfg, ldm)
     summary = train(ldm, items, fcfg, out, resume=True, progress=progress)
     from accelerate import PartialState
@@ -63,10 +62,10 @@ def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
     result = {"training": {k: summary.get(k) for k in ("mode", "steps_done", "max_train_steps",
                                                        "kinds", "empty_fraction", "seconds",
                                                        "loss_norm", "loss_curve")}}
-    if cfg["finetune"]["eval_samples"] > 0:
+    if cfg.finetune.eval_samples > 0:
         result["object_absent"] = evaluate_samples(cfg, ldm, items, out)
-    atomic_write_json(metrics_path(cfg, STAGE), result)
-    update_stage(cfg, STAGE, complete=True)
+    atomic_write_json(metrics_path(cfg, "03"), result)
+    update_stage(cfg, "03", complete=True)
     return result
 
 
@@ -80,29 +79,29 @@ def evaluate_samples(cfg: dict, base, items, out: Path) -> dict:
     from fgbg_utils.training.finetune import load_finetuned
     from fgbg_utils.core.sampling import presence_scores, sample_images
 
-    fc = cfg["finetune"]
+    fc = cfg.finetune
     tuned = load_finetuned(base, out)
-    seed_list = [seeds.derive_seed(cfg["seed"], "03-samples", str(i)) for i in range(fc["eval_samples"])]
-    y_f, y_b = resolved_prompt(cfg), cfg["background_prompt"]
-    words = [cfg["object"], *cfg["parts"]]
+    seed_list = [seeds.derive_seed(cfg.seed, "03-samples", str(i)) for i in range(fc.eval_samples)]
+    y_f, y_b = resolved_prompt(cfg), cfg.background_prompt
+    words = [cfg.object, *cfg.parts]
     # y_f and y_b plainly (s = 1), and y_b contrasted against y_f (negative prompt, s > 1), the
     # paper's way of sampling object-free backgrounds
     settings = {"y_f": (y_f, None, 1.0), "y_b": (y_b, None, 1.0),
-                "y_b_vs_y_f": (y_b, y_f, fc["eval_guidance"])}
-    samples = {f"{who}_{name}": sample_images(model, p, seed_list, fc["eval_steps"], s, neg)
+                "y_b_vs_y_f": (y_b, y_f, fc.eval_guidance)}
+    samples = {f"{who}_{name}": sample_images(model, p, seed_list, fc.eval_steps, s, neg)
                for who, model in (("base", base), ("tuned", tuned))
                for name, (p, neg, s) in settings.items()}
     np.savez_compressed(out / "samples.npz", **{k: (v * 255).round().astype(np.uint8) for k, v in samples.items()})
     real = np.stack([(c.transpose(1, 2, 0) + 1) / 2 for c, _, _ in items]).astype(np.float32)
-    score = lambda x: presence_scores(base, x, y_f, words, cfg["T0"], cfg["seed"],
-                                      cfg["attention"]["grid_steps"], cfg["attention"]["batch_rows"])
+    score = lambda x: presence_scores(base, x, y_f, words, cfg.T0, cfg.seed,
+                                      cfg.attention.grid_steps, cfg.attention.batch_rows)
     real_scores = score(real)
     tau = float(np.percentile(real_scores, 5))
     scores = {k: score(v) for k, v in samples.items()}
     atomic_write_json(out / "presence_scores.json", {"real": real_scores.tolist(), "threshold": tau,
                                                      **{k: v.tolist() for k, v in scores.items()}})
     return {"threshold": tau, "n_samples": len(seed_list), "n_real": len(real_scores),
-            "contrast_guidance": fc["eval_guidance"],
+            "contrast_guidance": fc.eval_guidance,
             "calibration": "5th percentile of the presence score on the real training images",
             **{f"share_object_free_{k}": float((v < tau).mean()) for k, v in scores.items()},
             **{f"auc_real_vs_{k}": _auc(real_scores, v) for k, v in scores.items()}}

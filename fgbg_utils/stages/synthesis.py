@@ -19,14 +19,14 @@ import numpy as np
 from fgbg_utils.core import models, seeds
 from fgbg_utils.io import (atomic_save_npz, atomic_save_png, atomic_write_json, atomic_write_text, read_json)
 from fgbg_utils.runs.params import resolved_prompt
-from fgbg_utils.runs.run_folder import (StageError, metrics_path, open_stage, require_stage, update_stage)
+from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, open_stage, update_stage
 
 STAGE = "05_synthesis"
 STAGE02, STAGE03, STAGE04 = "02_binarization", "03_finetuning", "04_refinement"
 
 
 def stage_root(cfg: dict) -> Path:
-    return Path(cfg["run_dir"]) / STAGE
+    return Path(cfg.run_dir) / STAGE
 
 
 def synthetic_ids(n: int) -> list[str]:
@@ -35,7 +35,7 @@ def synthetic_ids(n: int) -> list[str]:
 
 def n_images(cfg: dict) -> int:
     """synthesis.n_images, or the size of the training split when it is null [METHOD §2.5, I]."""
-    n = cfg["synthesis"]["n_images"]
+    n = cfg.synthesis.n_images
     if n is not None:
         return n
     from fgbg_utils.data.loader import load_dataset
@@ -52,16 +52,16 @@ def bytes_per_image(resolution: int, latent: int) -> int:
 def check_disk_budget(cfg: dict, n: int, resolution: int, latent: int) -> dict:
     """Refuse up front when n synthetic images would exceed synthesis.disk_budget_gb or the free
     space of the run folder's disk."""
-    need = n * bytes_per_image(resolution, latent) + cfg["synthesis"]["background_images"] * resolution ** 2 * 3
-    budget = cfg["synthesis"]["disk_budget_gb"] * 1024 ** 3
-    root = Path(cfg["run_dir"])
+    need = n * bytes_per_image(resolution, latent) + cfg.synthesis.background_images * resolution ** 2 * 3
+    budget = cfg.synthesis.disk_budget_gb * 1024 ** 3
+    root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     gb = lambda b: f"{b / 1024 ** 3:.2f} GB"
     if need > budget:
         raise StageError(f"synthesis.n_images={n} needs up to {gb(need)} at {resolution} px "
                          f"({bytes_per_image(resolution, latent) / 1024 ** 2:.1f} MB per image), over "
-                         f"synthesis.disk_budget_gb={cfg['synthesis']['disk_budget_gb']}. Lower "
+                         f"synthesis.disk_budget_gb={cfg.synthesis.disk_budget_gb}. Lower "
                          f"synthesis.n_images or raise synthesis.disk_budget_gb.")
     if need > free:
         raise StageError(f"synthesis.n_images={n} needs up to {gb(need)} but only {gb(free)} are free "
@@ -73,38 +73,36 @@ def check_disk_budget(cfg: dict, n: int, resolution: int, latent: int) -> dict:
 def pipeline_cfg(cfg: dict) -> dict:
     """The parameters of the pipeline rerun on D': same method settings, D' as an unlabelled
     folder dataset (train split only), outputs in DIR/05_synthesis/pipeline."""
-    c = copy.deepcopy(cfg)
-    c["run_dir"] = str(stage_root(cfg) / "pipeline")
-    c["dataset"].update(kind="folder", root=str(stage_root(cfg) / "dataset"), splits=["train"],
-                        limit=None, ground_truth=False, on_corrupt="error")
-    c["attention"].update(sweep=False, keep_per_layer=False)  # only M̂ is needed
+    c = cfg.model_copy(deep=True)
+    c.run_dir = str(stage_root(cfg) / "pipeline")
+    c.dataset = c.dataset.model_copy(update=dict(kind="folder", root=str(stage_root(cfg) / "dataset"), splits=["train"],
+                        limit=None, ground_truth=False, on_corrupt="error"))
+    c.attention = c.attention.model_copy(update=dict(sweep=False, keep_per_layer=False))  # only M̂ is needed
     return c
 
 
-def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
+@locked_stage("05")
+def run(cfg, force: bool = False, progress: bool = True) -> dict:
     """Sample D', run stages 01/02/04 on it, export D'_s, D'_f, D'_b; backgrounds and the sweep."""
     from fgbg_utils.training.finetune import load_finetuned
 
-    s03 = require_stage(cfg, STAGE03, "stage 05 (synthesis)")
-    s04 = require_stage(cfg, STAGE04, "stage 05 (synthesis)")  # its settings refine D' too
-    scfg = cfg["synthesis"]
+    scfg = cfg.synthesis
     n = n_images(cfg)
-    base = models.load_ldm(cfg["model"]["path"], cfg["model"]["revision"], cfg["device"], cfg["dtype"])
+    base = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype)
     disk = check_disk_budget(cfg, n, base.resolution, base.latent_size)
-    root = open_stage(cfg, STAGE, {"from": [s03["fingerprint"], s04["fingerprint"]], **scfg,
-                                   "n_images": n, "seed": cfg["seed"]}, force)
+    root, force = open_stage(cfg, "05", force, extra={"n_images": n})
     if force:
         for sub in ("dataset", "pipeline", "foregrounds", "backgrounds", "pure_backgrounds"):
             shutil.rmtree(root / sub, ignore_errors=True)
-    tuned = load_finetuned(base, Path(cfg["run_dir"]) / STAGE03)
-    y_f, y_b = resolved_prompt(cfg), cfg["background_prompt"]
+    tuned = load_finetuned(base, Path(cfg.run_dir) / STAGE03)
+    y_f, y_b = resolved_prompt(cfg), cfg.background_prompt
     ids = synthetic_ids(n)
-    _sample_missing(cfg, tuned, root / "dataset" / "images", ids, y_f, y_b, scfg["guidance"],
+    _sample_missing(cfg, tuned, root / "dataset" / "images", ids, y_f, y_b, scfg.guidance,
                     "05-synthesis", progress, "05 D'")
     _write_split(root / "dataset", ids)
-    bg_ids = [f"bg-{i:05d}" for i in range(scfg["background_images"])]
+    bg_ids = [f"bg-{i:05d}" for i in range(scfg.background_images)]
     _sample_missing(cfg, tuned, root / "pure_backgrounds", bg_ids, y_f, y_b,
-                    scfg["background_guidance"], "05-background", progress, "05 backgrounds")
+                    scfg.background_guidance, "05-background", progress, "05 backgrounds")
     sweep_path = root / "guidance_sweep.npz"
     if not sweep_path.exists():
         _write_sweep(cfg, tuned, sweep_path, y_f, y_b)
@@ -112,11 +110,11 @@ def run(cfg: dict, force: bool = False, progress: bool = True) -> dict:
     if ids:
         summary = _run_pipeline(cfg, progress, base, tuned)
         _export(cfg, ids, progress)
-    result = {"n_images": n, "guidance": scfg["guidance"], "steps": scfg["steps"],
-              "n_pure_backgrounds": len(bg_ids), "background_guidance": scfg["background_guidance"],
-              "seed": cfg["seed"], "disk": disk, **summary}
-    atomic_write_json(metrics_path(cfg, STAGE), result)
-    update_stage(cfg, STAGE, complete=True)
+    result = {"n_images": n, "guidance": scfg.guidance, "steps": scfg.steps,
+              "n_pure_backgrounds": len(bg_ids), "background_guidance": scfg.background_guidance,
+              "seed": cfg.seed, "disk": disk, **summary}
+    atomic_write_json(metrics_path(cfg, "05"), result)
+    update_stage(cfg, "05", complete=True)
     return result
 
 
@@ -128,13 +126,13 @@ def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progr
 
     from fgbg_utils.core.synthesis import sample_guided
 
-    bs = cfg["synthesis"]["batch_size"]
+    bs = cfg.synthesis.batch_size
     chunks = [ids[k:k + bs] for k in range(0, len(ids), bs)]
     chunks = [c for c in chunks if any(not (folder / f"{i}.png").exists() for i in c)]
     bar = tqdm(total=sum(map(len, chunks)), desc=desc, unit="img", disable=not progress or not chunks)
     for chunk in chunks:
-        images, _ = sample_guided(ldm, y_f, y_b, s, [seeds.derive_seed(cfg["seed"], stream, i) for i in chunk],
-                                  steps=cfg["synthesis"]["steps"], batch_size=bs)
+        images, _ = sample_guided(ldm, y_f, y_b, s, [seeds.derive_seed(cfg.seed, stream, i) for i in chunk],
+                                  steps=cfg.synthesis.steps, batch_size=bs)
         for i, img in zip(chunk, images):
             if not (folder / f"{i}.png").exists():
                 atomic_save_png(folder / f"{i}.png", (img * 255).round().astype(np.uint8))
@@ -149,11 +147,11 @@ def _write_split(root: Path, ids) -> None:
 def _write_sweep(cfg, ldm, path: Path, y_f, y_b) -> None:
     from fgbg_utils.core.synthesis import guidance_sweep
 
-    scfg = cfg["synthesis"]
-    scales = [float(v) for v in scfg["sweep_scales"]]
-    rows = [guidance_sweep(ldm, y_f, y_b, scales, seeds.derive_seed(cfg["seed"], "05-sweep", str(k)),
-                           steps=scfg["steps"], batch_size=scfg["batch_size"])
-            for k in range(scfg["sweep_seeds"])]
+    scfg = cfg.synthesis
+    scales = [float(v) for v in scfg.sweep_scales]
+    rows = [guidance_sweep(ldm, y_f, y_b, scales, seeds.derive_seed(cfg.seed, "05-sweep", str(k)),
+                           steps=scfg.steps, batch_size=scfg.batch_size)
+            for k in range(scfg.sweep_seeds)]
     images = (np.stack(rows) * 255).round().astype(np.uint8) if rows else np.zeros((0, 0), np.uint8)
     atomic_save_npz(path, images=images, scales=np.asarray(scales, np.float32))
 
@@ -169,14 +167,14 @@ def _run_pipeline(cfg: dict, progress: bool, base, tuned) -> dict:
     if not _complete(pcfg, stage_binarization.STAGE):
         stage_binarization.run(pcfg, progress=progress)
     if not _complete(pcfg, STAGE04):
-        stage_refinement.run(pcfg, progress=progress, finetune_run=cfg["run_dir"],
+        stage_refinement.run(pcfg, progress=progress, finetune_run=cfg.run_dir,
                              models_loaded=(base, tuned))
     gmm = read_json(Path(pcfg["run_dir"]) / STAGE02 / "gmm.json")
     return {"degenerate_m_pre": sorted(k for k, v in gmm.items() if v.get("degenerate"))}
 
 
 def _complete(cfg: dict, stage: str) -> bool:
-    path = Path(cfg["run_dir"]) / stage / "stage.json"
+    path = Path(cfg.run_dir) / stage / "stage.json"
     return path.exists() and bool(read_json(path).get("complete"))
 
 
