@@ -1,4 +1,4 @@
-"""Command line: `python -m fgbg_utils run|stage|metrics|report|train-toy ...`."""
+"""Command line: `python -m fgbg_utils run|stage|predict|metrics|report|train-toy ...`."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,17 @@ def main(argv=None) -> int:
     st.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     st.add_argument("--out")
     st.add_argument("--force", action="store_true")
+    pr = sub.add_parser("predict", help="apply a run's label-free segmentation U-Net to a folder of images")
+    pr.add_argument("--run", required=True, help="run folder with a finished stage 06")
+    pr.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    pr.add_argument("--out", required=True, help="output folder: OUT/<image stem>.png masks")
+    pr.add_argument("--row", default=None, help="network: unet_D_s_plus_synth (default when trained), "
+                    "unet_D_s, unet_M_pre or supervised")
+    pr.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<stem>.png")
+    pr.add_argument("--on-corrupt", default="skip", choices=["skip", "error"],
+                    help="unreadable images: skip and list them (default) or stop")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.add_argument("--batch-size", type=int, default=None)
     m = sub.add_parser("metrics", help="print the metrics table of a run folder")
     m.add_argument("run_dir")
     rep = sub.add_parser("report", help="write DIR/report.html: the metrics table and the executed notebooks")
@@ -49,17 +60,21 @@ def main(argv=None) -> int:
             print(f"\nRun folder: {run_dir}\n")
             print(metrics_table(run_dir))
         elif args.cmd == "stage":
-            import importlib
             from fgbg_utils.runs.params import load_params
-            module = {"01": "attention_maps", "02": "binarization", "03": "finetuning",
-                      "04": "refinement", "05": "synthesis", "06": "evaluation"}[args.number]
+            from fgbg_utils.stages.registry import stage_module
             cfg = load_params(args.params, args.sets, run_dir=args.out)
-            importlib.import_module(f"fgbg_utils.stages.{module}").run(cfg, force=args.force)
+            stage_module(args.number).run(cfg, force=args.force)
             from accelerate import PartialState
             if PartialState().is_main_process:
                 from fgbg_utils.runs.runner import metrics_table
                 print(f"stage {args.number} done in {cfg.run_dir}\n")
                 print(metrics_table(cfg.run_dir))
+        elif args.cmd == "predict":
+            from fgbg_utils.runs.predict import predict_folder
+            res = predict_folder(args.run, args.images, args.out, args.row, args.overlay,
+                                 args.on_corrupt, args.device, args.batch_size)
+            print(f"wrote {res['n_written']} mask(s) to {args.out}"
+                  + (f"; skipped {len(res['skipped'])} unreadable file(s)" if res["skipped"] else ""))
         elif args.cmd == "metrics":
             from fgbg_utils.runs.runner import metrics_table
             print(metrics_table(args.run_dir))

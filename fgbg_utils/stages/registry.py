@@ -108,3 +108,13 @@ def code_version(number: str) -> dict[str, str]:
     return {str(f.relative_to(PACKAGE)): hashlib.sha256(f.read_bytes()).hexdigest()[:12]
             for f in source_files(number)}
 STAGE_NAMES = {n: s.name for n, s in STAGES.items()}  # number -> folder name
+
+
+def stage_module(key: str):
+    """The module of a stage (its `run(cfg, force=...)`)."""
+    import importlib
+
+    st = stage(key)
+    if st.module is None:
+        raise KeyError(f"stage {st.name} is a notebook only")
+    return importlib.import_module(f"fgbg_utils.stages.{st.module}")
