@@ -3,11 +3,16 @@ BPE list of the `open-clip-torch` wheel (tests/fixtures/real_clip.py), and stage
 SD-shaped pipeline that uses it."""
 import logging
 import warnings
-from pathlib import Path
 
 import pytest
 
-from fgbg_utils.core.tokens import TokenError, describe_lines, describe_words, prompt_positions, word_positions
+from fgbg_utils.core.tokens import (
+    TokenError,
+    describe_lines,
+    describe_words,
+    prompt_positions,
+    word_positions,
+)
 from tests.fixtures import real_clip
 
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat", as SD 1.x's tokenizer gives
@@ -140,6 +145,7 @@ def tiny_real_clip_sd(tmp_path_factory, sd1):
 
 def test_stages_01_02_with_real_tokenizer(tiny_real_clip_sd, tmp_path):
     import numpy as np
+
     from fgbg_utils import load_params
     from fgbg_utils.core.models import load_ldm
     from fgbg_utils.stages import attention_maps, binarization
