@@ -27,6 +27,8 @@ $(INSTALLED): requirements.txt pyproject.toml | $(BIN)/python
 
 $(TEST_INSTALLED): requirements-test.txt $(INSTALLED)
 	$(BIN)/python -m pip install -q -r requirements-test.txt
+# only for its CLIP BPE file (tests/fixtures/real_clip.py); --no-deps: no torchvision, no CUDA torch
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $@
 
 install: $(INSTALLED)

@@ -49,8 +49,13 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_ldm(path: str, revision: str | None = None, device: str = "auto",
-             dtype: str = "float32") -> LDM:
-    """Load VAE, UNet, text encoder, tokenizer and a DDIM scheduler with `from_pretrained`."""
+             dtype: str = "float32", config: str | None = None) -> LDM:
+    """Load VAE, UNet, text encoder, tokenizer and a DDIM scheduler with `from_pretrained`.
+    A `.safetensors`/`.ckpt` path is a single-file checkpoint: see `core.single_file` (`config` =
+    `model.config`, the local diffusers folder with its configs)."""
+    from fgbg_utils.core import single_file
+    if single_file.is_single_file(path):
+        return single_file.load_single_file(path, config, device, dtype)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 

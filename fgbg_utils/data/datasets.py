@@ -12,17 +12,24 @@ import csv
 import json
 import os
 import shutil
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 KINDS = ("folder", "toy", "cub")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+CHECK_SIDE = 256  # check_images decodes at about this size (JPEG: DCT-scaled, cheap)
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that makes the stored pixels upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
 class DatasetError(ValueError):
@@ -87,9 +94,17 @@ def _folder_records(root: Path, seed: int, test_fraction: float) -> list[Record]
         split = seeded_split(ids, seed, test_fraction)
     captions = _read_captions_csv(root / "captions.csv") if (root / "captions.csv").exists() else {}
     mask_dir = root / "masks"
-    return [Record(id=i, image=images[i], split=split[i], caption=captions.get(i),
-                   mask=(mask_dir / f"{i}.png") if (mask_dir / f"{i}.png").is_file() else None)
+    masks = _list_masks(mask_dir)
+    return [Record(id=i, image=images[i], split=split[i], caption=captions.get(i), mask=masks.get(i))
             for i in ids]
+
+
+def _list_masks(folder: Path) -> dict[str, Path]:
+    """{id: masks/<id>.png} (ids NFC-normalised like the images')."""
+    if not folder.is_dir():
+        return {}
+    return {file_id(p): p for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith(".")}
 
 
 def _list_images(folder: Path) -> dict[str, Path]:
@@ -98,15 +113,22 @@ def _list_images(folder: Path) -> dict[str, Path]:
                            f"<dataset.root>/images/<id>.<ext> or fix dataset.root")
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            if p.stem in found:
-                raise DatasetError(f"two images share the id {p.stem!r}: {found[p.stem]} and {p}; "
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
+            i = file_id(p)  # hidden files (macOS "._x.jpg" resource forks) are not images
+            if i in found:
+                raise DatasetError(f"two images share the id {i!r}: {found[i]} and {p}; "
                                    f"remove or rename one of them")
-            found[p.stem] = p
+            found[i] = p
     if not found:
         raise DatasetError(f"no images found in {str(folder)!r} (extensions {list(IMAGE_EXTS)}); "
                            f"add images there or fix dataset.root")
     return found
+
+
+def file_id(path: Path) -> str:
+    """The id of an image file: its name without extension, Unicode NFC-normalised (macOS writes
+    decomposed names; split.csv/captions.csv usually hold the composed form)."""
+    return unicodedata.normalize("NFC", Path(path).stem)
 
 
 def _read_csv(path: Path, header: list[str]) -> list[tuple[int, list[str]]]:
@@ -129,7 +151,7 @@ def _read_csv(path: Path, header: list[str]) -> list[tuple[int, list[str]]]:
 def _read_split_csv(path: Path, ids: set[str]) -> dict[str, str]:
     split: dict[str, str] = {}
     for line, (i, s) in _read_csv(path, ["id", "split"]):
-        i, s = i.strip(), s.strip()
+        i, s = unicodedata.normalize("NFC", i.strip()), s.strip()
         if s not in SPLITS:
             raise DatasetError(f"{path}: line {line}: split {s!r} is not one of {list(SPLITS)}; "
                                f"fix that line")
@@ -145,7 +167,8 @@ def _read_split_csv(path: Path, ids: set[str]) -> dict[str, str]:
 
 
 def _read_captions_csv(path: Path) -> dict[str, str]:
-    return {i.strip(): c for _, (i, c) in _read_csv(path, ["id", "caption"])}
+    return {unicodedata.normalize("NFC", i.strip()): c
+            for _, (i, c) in _read_csv(path, ["id", "caption"])}
 
 
 def seeded_split(ids: list[str], seed: int, test_fraction: float) -> dict[str, str]:
@@ -200,18 +223,61 @@ def _cub_records(root: Path) -> list[Record]:
 
 
 # ----------------------------------------------------------------------------- pixels
-def _open(path: str | Path) -> Image.Image:
-    """Open and fully decode a file, or raise CorruptImageError / DatasetError naming it."""
+def _decode_error(path: Path, e: Exception) -> CorruptImageError:
+    if isinstance(e, Image.DecompressionBombError):
+        return CorruptImageError(f"{str(path)!r} has more pixels than PIL's safety limit ({e}); if "
+                                 f"you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS, or remove it")
+    return CorruptImageError(f"cannot decode {str(path)!r} ({type(e).__name__}: {e}); "
+                             f"remove or replace the file")
+
+
+def _orientation(im: Image.Image) -> int:
+    o = im.getexif().get(EXIF_ORIENTATION, 1)
+    return o if o in _UPRIGHT else 1
+
+
+def _draft(im: Image.Image, max_side: int) -> None:
+    """JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale, keeping the long side >= max_side."""
+    long = max(im.size)
+    if long > 2 * max_side:
+        im.draft(None, (max(1, -(-im.width * max_side // long)), max(1, -(-im.height * max_side // long))))
+
+
+def _open(path: str | Path, max_side: int | None = None) -> Image.Image:
+    """Open and fully decode a file, upright (EXIF orientation applied); with ``max_side``, JPEGs
+    are decoded at a reduced scale. Raises CorruptImageError / DatasetError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"file {str(path)!r} does not exist; fix the dataset or dataset.root")
     try:
         with Image.open(path) as im:
+            if max_side:
+                _draft(im, max_side)
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # a decoded copy, upright
     except _DECODE_ERRORS as e:
-        raise CorruptImageError(f"cannot decode {str(path)!r} ({type(e).__name__}: {e}); "
-                                f"remove or replace the file") from e
+        raise _decode_error(path, e) from e
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(h, w) of ``load_image(path)`` at full size, read from the header only (EXIF-upright)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"file {str(path)!r} does not exist; fix the dataset or dataset.root")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return (w, h) if _orientation(im) in (5, 6, 7, 8) else (h, w)
+    except _DECODE_ERRORS as e:
+        raise _decode_error(path, e) from e
+
+
+def _reduce(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """Box-downscale by an integer factor so the long side stays >= max_side (< 2 max_side)."""
+    factor = max(rgb.shape[:2]) // max_side
+    if factor < 2:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).reduce(factor), np.uint8).copy()
 
 
 def _over_black(rgba: Image.Image) -> np.ndarray:
@@ -237,17 +303,23 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), np.uint8).copy()  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """uint8 HxWx3 RGB; alpha composited over black, 16-bit scaled by 255/65535.
+def load_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
+    """uint8 HxWx3 RGB, upright (EXIF orientation applied, as photo viewers show it); alpha
+    composited over black, 16-bit scaled by 255/65535, CMYK/palette/grey converted.
 
-    No EXIF rotation is applied: masks are annotated on the stored pixel grid.
+    ``max_side``: only the canonical frame is needed (e.g. the model resolution R): the image is
+    decoded reduced (JPEG DCT scaling, then an integer box reduce) to a long side in
+    [max_side, 2·max_side), never enlarged; the full size stays available from ``image_size``.
     """
-    im = _open(path)
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1 or None, got {max_side}")
+    im = _open(path, max_side)
     try:
-        return _to_rgb(im)
+        rgb = _to_rgb(im)
     except _DECODE_ERRORS as e:
         raise CorruptImageError(f"cannot convert {str(path)!r} (mode {im.mode}) to RGB "
                                 f"({type(e).__name__}: {e}); re-save it as 8-bit RGB") from e
+    return _reduce(rgb, max_side) if max_side else rgb
 
 
 def _grey(im: Image.Image) -> tuple[np.ndarray, float]:
@@ -262,18 +334,46 @@ def _grey(im: Image.Image) -> tuple[np.ndarray, float]:
     return np.asarray(im.convert("L"), np.uint8), 255.0
 
 
-def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+def _aspect_close(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] * b[1] - a[1] * b[0]) <= 0.02 * max(a[0] * b[1], a[1] * b[0])
+
+
+def _orient_like_image(mask: Image.Image, own: int, image: Path) -> Image.Image:
+    """Give a mask its image's upright orientation. A mask with its own EXIF orientation is
+    already upright (_open). Otherwise it is taken as annotated on the image's STORED pixel grid
+    and gets the image's transpose, unless its aspect matches only the upright image."""
+    with Image.open(image) as im:
+        orient, (w, h) = _orientation(im), im.size
+    if own != 1 or orient == 1:
+        return mask
+    stored, upright = (h, w), ((w, h) if orient in (5, 6, 7, 8) else (h, w))
+    shape = (mask.height, mask.width)
+    if _aspect_close(shape, upright) and not _aspect_close(shape, stored):
+        return mask
+    return mask.transpose(_UPRIGHT[orient])
+
+
+def load_mask(path: str | Path, shape: tuple[int, int] | None = None,
+              image: str | Path | None = None) -> np.ndarray:
     """bool HxW: foreground = value > half the dtype max (a mask whose max is 1 is read as 0/1).
 
+    ``image``: the mask's image; the mask is oriented like ``load_image(image)`` (see
+    `_orient_like_image`) and ``shape`` defaults to ``image_size(image)``.
     If ``shape`` is given and differs, the mask is resized (nearest) with a warning.
     """
-    grey, top = _grey(_open(path))
+    mim = _open(path)
+    if image is not None:
+        with Image.open(path) as raw:
+            own = _orientation(raw)
+        mim = _orient_like_image(mim, own, Path(image))
+        shape = shape or image_size(image)
+    grey, top = _grey(mim)
     if grey.size and grey.max() == 1:
         top = 1.0
     mask = grey > top / 2.0
     if shape is not None and tuple(shape) != mask.shape:
         (mh, mw), (h, w) = mask.shape, shape
-        if abs(mh * w - mw * h) > 0.02 * max(mh * w, mw * h):
+        if not _aspect_close((mh, mw), (h, w)):
             raise MaskSizeError(f"mask {str(path)!r} is {mw}x{mh} but its image is {w}x{h} (another "
                                 f"aspect ratio): it cannot belong to this image. Fix or remove the mask.")
         warnings.warn(f"mask size {mask.shape[1]}x{mask.shape[0]} of {str(path)!r} differs from "
@@ -292,9 +392,7 @@ def load_ground_truth(records: list[Record]) -> tuple[dict[str, np.ndarray], lis
             skipped.append((r.id, "no ground-truth mask"))
             continue
         try:
-            with Image.open(r.image) as im:
-                shape = (im.height, im.width)
-            masks[r.id] = load_mask(r.mask, shape)
+            masks[r.id] = load_mask(r.mask, image=r.image)
         except DatasetError as e:
             skipped.append((r.id, str(e)))
     return masks, skipped
@@ -302,13 +400,14 @@ def load_ground_truth(records: list[Record]) -> tuple[dict[str, np.ndarray], lis
 
 def check_images(records: list[Record], on_corrupt: str = "skip"
                  ) -> tuple[list[Record], list[tuple[str, str]]]:
-    """Fully decode every image. Returns (good records, [(path, reason)] of bad ones)."""
+    """Decode every image (at about CHECK_SIDE px: all of the file is read, little memory).
+    Returns (good records, [(path, reason)] of bad ones)."""
     if on_corrupt not in ("skip", "error"):
         raise DatasetError(f"dataset.on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
     good, bad = [], []
     for r in records:
         try:
-            load_image(r.image)
+            load_image(r.image, max_side=CHECK_SIDE)
             good.append(r)
         except DatasetError as e:
             cause = e.__cause__
