@@ -50,7 +50,7 @@ def run(cfg, force: bool = False, progress: bool = True, ldm=None) -> dict:
     out_dir, force = open_stage(cfg, "01", force)
     records, skipped = load_dataset(cfg)
     if ldm is None:
-        ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype)
+        ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype, config=cfg.model.config)
     prompt = resolved_prompt(cfg)
     words = [cfg.object, *cfg.parts]
     positions = tokens.prompt_positions(ldm.tokenizer, prompt, words)

@@ -56,14 +56,8 @@ def _ground_truth(cfg: dict, summary01: dict):
     """(record, gt mask) for the images of stage 01 that have ground truth, by split."""
     records, _ = load_dataset(cfg)
     wanted = set(summary01["images"])
-    return [(r, load_mask(r.mask, _image_shape(r.image))) for r in records
+    return [(r, load_mask(r.mask, image=r.image)) for r in records
             if r.id in wanted and r.mask is not None]
-
-
-def _image_shape(path) -> tuple[int, int]:
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.height, im.width
 
 
 def evaluate(cfg: dict, summary01: dict, gmm: dict) -> dict:

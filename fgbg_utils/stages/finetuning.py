@@ -53,7 +53,7 @@ def run(cfg, force: bool = False, progress: bool = True) -> dict:
         for sub in ("checkpoints", "unet", "lora"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "fgbg_finetune.json").unlink(missing_ok=True)
-    ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, "float32")
+    ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, "float32", config=cfg.model.config)
     items = training_items(cfg, ldm)
     summary = train(ldm, items, fcfg, out, resume=True, progress=progress)
     from accelerate import PartialState

@@ -50,7 +50,7 @@ def run(cfg, force: bool = False, progress: bool = True, finetune_run: str | Pat
     from fgbg_utils.training.finetune import load_finetuned
 
     if models_loaded is None:
-        base = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype)
+        base = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype, config=cfg.model.config)
         models_loaded = (base, load_finetuned(base, finetune_run / STAGE03))
     base, tuned = models_loaded
     pipe = make_inpaint_pipeline(tuned)
@@ -116,7 +116,7 @@ def evaluate(cfg: dict, summary01: dict, records: dict) -> dict:
         r = records.get(image_id)
         if r is None or r.mask is None or r.split != split:
             continue
-        gt = load_mask(r.mask)
+        gt = load_mask(r.mask, image=r.image)
         frame = load_frame(cfg, image_id)
         meters["preliminary"].update(canvas_to_original(load_mpre(cfg, image_id), frame, "mask"), gt)
         meters["refined"].update(canvas_to_original(load_refined(cfg, image_id), frame, "mask"), gt)

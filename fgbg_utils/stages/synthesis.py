@@ -88,7 +88,7 @@ def run(cfg, force: bool = False, progress: bool = True) -> dict:
 
     scfg = cfg.synthesis
     n = n_images(cfg)
-    base = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype)
+    base = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype, config=cfg.model.config)
     disk = check_disk_budget(cfg, n, base.resolution, base.latent_size)
     root, force = open_stage(cfg, "05", force, extra={"n_images": n})
     if force:
