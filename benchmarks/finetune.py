@@ -12,7 +12,7 @@ embeddings are precomputed once and are not timed, in both. Per optimizer step s
          background-rectangle sampling (`rectangles.training_mask`), t/ε from the (seed, step)
          generator, noising, UNet forward, masked ε-loss, `accelerator.backward`, AdamW step,
          EMA update, loss gather/bookkeeping;
-  bare   `finetune.bare_diffusers_step` on a separate copy of the same UNet: the inner body of
+  bare   `bare_diffusers_step` (below) on a separate copy of the same UNet: the inner body of
          diffusers' examples/text_to_image (torch.randn_like / randint noise and t, noising,
          forward, unmasked MSE, backward, AdamW step), on the same latents and embeddings
          (taken from the batch `ours` drew for step s), no accelerate, no EMA.
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,6 +44,21 @@ from fgbg_utils.io import atomic_write_json
 from fgbg_utils.training import finetune as ft
 from fgbg_utils.core import models
 from fgbg_utils.data import toy
+from fgbg_utils.training.objective import prediction_target
+
+
+def bare_diffusers_step(unet, optimizer, noise_scheduler, z0, noise, t, emb) -> torch.Tensor:
+    """One plain diffusers text-to-image training step (examples/text_to_image, no masks, no
+    EMA, no accelerate): noise, predict, unmasked MSE, backward, optimizer step. Returns the
+    (pre-update) loss."""
+    zt = noise_scheduler.add_noise(z0, noise, t)
+    pred = unet(zt, t, encoder_hidden_states=emb).sample
+    target = prediction_target(noise_scheduler, z0, noise, t)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def load_model(path: str | None):
@@ -110,7 +126,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             noise = torch.randn_like(z0)
             t = torch.randint(0, sched.config.num_train_timesteps, (z0.shape[0],))
-            ft.bare_diffusers_step(unet, opt, sched, z0, noise, t, emb)
+            bare_diffusers_step(unet, opt, sched, z0, noise, t, emb)
             bare.append(time.perf_counter() - t0)
     med = {k: statistics.median(v[args.warmup:]) for k, v in
            (("ours", ours), ("bare", bare), ("sampling", sampling))}

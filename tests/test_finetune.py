@@ -13,6 +13,7 @@ import torch
 from fgbg_utils.training import finetune as ft
 from fgbg_utils.data import toy
 from fgbg_utils.core.models import LDM, encode_images, encode_prompt
+from benchmarks.finetune import bare_diffusers_step
 
 torch.set_num_threads(1)
 L, R = 16, 64
@@ -165,8 +166,8 @@ def test_full_image_step_loss_equals_unmasked_diffusers_loss(ldm, data, tmp_path
     emb = encode_prompt(ldm, c.prompt_full).expand(2, -1, -1)
     unet = copy.deepcopy(ldm.unet).requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=c.learning_rate)
-    bare = ft.bare_diffusers_step(unet, opt, DDPMScheduler.from_config(ldm.scheduler.config),
-                                  z0, noise, t, emb)
+    bare = bare_diffusers_step(unet, opt, DDPMScheduler.from_config(ldm.scheduler.config),
+                               z0, noise, t, emb)
     assert summary["loss_curve"][0] == pytest.approx(float(bare), rel=1e-5)
 
 

@@ -62,3 +62,81 @@ def test_shipped_model_loads_offline(monkeypatch):
     size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
     assert size < 25 * 2**20
     assert not list(SHIPPED.rglob("*.bin")) and not list(SHIPPED.rglob("*.pt"))  # safetensors only
+
+
+# ----------------------------------------------------------------------------- the training recipe
+def test_generator_v1_keeps_objects_inside_and_draws_like_v2():
+    from fgbg_utils.training.toy_training import generate_corpus
+
+    v1 = generate_corpus(60, seed=3, generator=1)
+    v2 = generate_corpus(60, seed=3, generator=2)
+    assert v1[2] == v2[2]  # same random stream: same captions, kinds, colours, radii
+    assert [m["r"] for m in v1[3] if m["kind"]] == [m["r"] for m in v2[3] if m["kind"]]
+    border = lambda m: m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()  # noqa: E731
+    assert not any(border(m) for m in v1[1])
+    assert any(border(m) for m in v2[1])  # v2 objects may cross the border
+    with pytest.raises(ValueError, match="toy generator 3"):
+        generate_corpus(2, seed=0, generator=3)
+
+
+def test_recipe_end_to_end_with_tiny_budgets(tmp_path):
+    """Both phases, step-based snapshots, selection on a (tiny) validation world, one call."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from fgbg_utils.core.models import load_ldm
+    from fgbg_utils.training.toy_recipe import train_toy_recipe
+
+    torch.set_num_threads(1)
+    out, work = tmp_path / "toy-ldm", tmp_path / "work"
+    info = train_toy_recipe(
+        out, work, n_images=40, vae_steps=3, phase1_steps=4, phase2_steps=6, snapshot_minutes=None,
+        snapshot_steps=(2, 4), heldout_images=8, log=lambda s: None,
+        validation={"dataset.n_train": 0, "dataset.n_test": 3, "T0": 5,
+                    "dataset.root": str(tmp_path / "val_world")})
+    assert info == json.loads((out / "training_info.json").read_text())
+    assert info["phases"]["1"]["generator_version"] == 1 and info["phases"]["2"]["generator_version"] == 2
+    assert info["phases"]["1"]["vae_steps"] == 3 and info["phases"]["1"]["unet_steps"] == 4
+    sel = info["selection"]
+    scores = {int(k): v for k, v in sel["validation_iou_by_step_generator_v2"].items()}
+    assert sorted(scores) == [2, 4, 6] and sel["phase2_total_steps"] == 6
+    assert scores[sel["selected_step"]] == max(scores.values())
+    assert info["unet"]["steps"] == sel["selected_step"] == info["phases"]["2"]["unet_steps"]
+    assert info["continued_from"]["generator_version"] == 1 and info["generator_version"] == 2
+    assert info["wall_minutes"] >= 0 and info["recipe"]["phase2"]["snapshot_steps"] == [2, 4]
+    # the shipped folder is the selected snapshot; phase 2 kept phase 1's VAE
+    chosen = work / "phase2_final" if sel["selected_step"] == 6 else \
+        work / "phase2_snapshots" / f"step_{sel['selected_step']:06d}"
+    f = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(out / f), load_file(chosen / f)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    v = "vae/diffusion_pytorch_model.safetensors"
+    a, b = load_file(out / v), load_file(work / "phase1" / v)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ldm = load_ldm(str(out), device="cpu")
+    assert ldm.latent_size == 16
+
+
+def test_cli_train_toy_passes_the_recipe_options(monkeypatch):
+    from fgbg_utils.runs import cli
+    from fgbg_utils.training import toy_recipe
+
+    seen = {}
+    monkeypatch.setattr(toy_recipe, "train_toy_recipe", lambda *a, **k: seen.update(args=a, **k))
+    assert cli.main(["train-toy", "--out", "o", "--work", "w", "--steps-as-shipped",
+                     "--init-from", "p1", "--no-select-on-validation"]) == 0
+    assert seen["args"] == ("o", "w") and seen["init_from"] == "p1"
+    assert seen["phase2_steps"] == 10499 and seen["snapshot_steps"] == [2153, 4320, 6497, 8693]
+    assert seen["snapshot_minutes"] is None and seen["select_on_validation"] is False
+    cli.main(["train-toy", "--phase2-minutes", "5"])
+    assert seen["phase2_minutes"] == 5 and seen["snapshot_minutes"] == 10 and seen["select_on_validation"]
+
+
+def test_shipped_training_info_records_the_generators():
+    import json
+    info = json.loads((SHIPPED / "training_info.json").read_text())
+    assert info["phases"]["1"]["generator_version"] == 1  # objects fully inside (git 740eed4)
+    assert info["phases"]["2"]["generator_version"] == 2  # border-crossing objects
+    assert info["selection"]["selected_step"] == 4320

@@ -38,14 +38,27 @@ def main(argv=None) -> int:
     m.add_argument("run_dir")
     rep = sub.add_parser("report", help="write DIR/report.html: the metrics table and the executed notebooks")
     rep.add_argument("run_dir")
-    t = sub.add_parser("train-toy", help="train the toy LDM (what notebook 00 runs)")
+    t = sub.add_parser("train-toy", help="remake the shipped toy LDM: phase 1, phase 2 with EMA "
+                       "snapshots, selection on the validation world (what notebook 00 runs)")
     t.add_argument("--out", default="models/toy-ldm")
-    t.add_argument("--n-images", type=int, default=20000)
-    t.add_argument("--seed", type=int, default=1000)
-    t.add_argument("--vae-minutes", type=float, default=10)
-    t.add_argument("--unet-minutes", type=float, default=65)
+    t.add_argument("--work", default="work_toy", help="phase-1 model, phase-2 snapshots, validation runs")
+    t.add_argument("--n-images", type=int, default=20000, help="training images per phase")
     t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--snapshots", default=None, help="folder for periodic EMA snapshots")
+    t.add_argument("--vae-minutes", type=float, default=10)
+    t.add_argument("--phase1-minutes", type=float, default=20, help="phase-1 UNet budget")
+    t.add_argument("--phase2-minutes", type=float, default=50, help="phase-2 UNet budget")
+    t.add_argument("--vae-steps", type=int, help="fixed VAE steps (instead of --vae-minutes)")
+    t.add_argument("--phase1-steps", type=int, help="fixed phase-1 UNet steps")
+    t.add_argument("--phase2-steps", type=int, help="fixed phase-2 UNet steps")
+    t.add_argument("--snapshot-minutes", type=float, default=10, help="EMA snapshot period of phase 2")
+    t.add_argument("--snapshot-steps", default="", help="comma-separated phase-2 snapshot steps "
+                   "(then no timed snapshots)")
+    t.add_argument("--steps-as-shipped", action="store_true", help="the shipped step counts: VAE "
+                   "2323, phase 1 4270, phase 2 10499, snapshots 2153,4320,6497,8693")
+    t.add_argument("--init-from", help="skip phase 1 and continue from this toy model folder")
+    t.add_argument("--select-on-validation", action=argparse.BooleanOptionalAction, default=True,
+                   help="pick the phase-2 snapshot with the best M_pre IoU on the validation world "
+                   "(dataset.seed=100); --no-select-on-validation ships the last weights")
     args = ap.parse_args(argv)
 
     from fgbg_utils.data.datasets import DatasetError
@@ -82,9 +95,18 @@ def main(argv=None) -> int:
             from fgbg_utils.runs.report import write_report
             print(f"wrote {write_report(args.run_dir)}")
         elif args.cmd == "train-toy":
-            from fgbg_utils.training.toy_training import train_toy_model
-            train_toy_model(args.out, args.n_images, args.seed, args.vae_minutes, args.unet_minutes,
-                            threads=args.threads, snapshot_dir=args.snapshots)
+            from fgbg_utils.training.toy_recipe import SHIPPED_STEPS, train_toy_recipe
+            steps = {"vae_steps": args.vae_steps, "phase1_steps": args.phase1_steps,
+                     "phase2_steps": args.phase2_steps,
+                     "snapshot_steps": [int(x) for x in args.snapshot_steps.split(",") if x.strip()]}
+            if args.steps_as_shipped:
+                steps = {**SHIPPED_STEPS, "snapshot_steps": list(SHIPPED_STEPS["snapshot_steps"])}
+            timed = None if steps["snapshot_steps"] else args.snapshot_minutes
+            train_toy_recipe(args.out, args.work, n_images=args.n_images, threads=args.threads,
+                             vae_minutes=args.vae_minutes, phase1_minutes=args.phase1_minutes,
+                             phase2_minutes=args.phase2_minutes, snapshot_minutes=timed,
+                             init_from=args.init_from, select_on_validation=args.select_on_validation,
+                             **steps)
     except (ParamsError, DatasetError, ModelError, StageError, TokenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Stage (f): the evaluation segmentation network (METHOD §2.6), plain torch, no torchvision.
+"""Stage (f): the evaluation segmentation network (docs/method.md §2.6), plain torch, no torchvision.
 
 * `UNet`: classic U-Net. DoubleConv = (3×3 conv → BN → ReLU) × 2; `depth` max-pool downs with
   widths base_width·2^i (paper: 64, 128, 256, 512, 1024), `depth` transposed-conv ups with skip
@@ -196,7 +196,7 @@ def center_crop_pair(image: np.ndarray, mask: np.ndarray | None, size: int
     """Test geometry of the official protocol: short side -> size, CenterCrop size.
 
     Returns the uint8 (size, size, 3) image crop and the ground-truth crop as bool (size, size):
-    the mask is resized bilinearly and binarized at >= 0.5 (METHOD §2.6; a bool or {0, 1} mask may
+    the mask is resized bilinearly and binarized at >= 0.5 (docs/method.md §2.6; a bool or {0, 1} mask may
     be passed, as may a soft one)."""
     img, m = resize_short_side(image, mask, size)
     top, left = _center_box(img.shape[1], img.shape[2], size)

@@ -1,9 +1,11 @@
-"""Training of the toy LDM (run by notebooks/00_toy_world.ipynb or `python -m fgbg_utils train-toy`).
+"""Training of the toy LDM: one phase (`train_toy_model`); the shipped two-phase recipe with
+snapshot selection is `fgbg_utils.training.toy_recipe` (`python -m fgbg_utils train-toy`).
 
 The VAE is trained first on random crops, then frozen; the UNet and the (0-layer) text encoder are
 trained jointly with epsilon-prediction on precomputed latents, with an EMA of the UNet. Each part
 is time-boxed: the number of steps is planned from the measured step time, so a cosine schedule fits
-the budget.
+the budget; a fixed number of steps (``vae_steps`` / ``unet_steps``) replaces the plan.
+See docs/method.md §8 (the toy world).
 """
 from __future__ import annotations
 
@@ -33,7 +35,53 @@ def _cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float = 0
 
 
 def _plan_steps(step_time: float, budget_s: float, max_steps: int) -> int:
-    return int(max(100, min(max_steps, budget_s / max(step_time, 1e-3))))
+    """Steps that fit the budget (at least 100), never more than max_steps."""
+    return int(min(max_steps, max(100, budget_s / max(step_time, 1e-3))))
+
+
+def _render_sample_v1(rng: np.random.Generator, size: int = 64, background_only: bool = False,
+                      radius: tuple[float, float] = (8, 20)):
+    """Toy generator v1 (git 740eed4): as `toy.render_sample` but every object lies fully inside
+    the image. Phase 1 of the shipped model was trained on it; it draws the same random numbers
+    in the same order as v2, so sample i differs from v2 only in the object's centre."""
+    bg_kind = toy.BACKGROUNDS[rng.integers(len(toy.BACKGROUNDS))]
+    img = toy.render_background(rng, size, bg_kind)
+    mask = np.zeros((size, size), bool)
+    meta = {"background": bg_kind, "kind": None, "colour": None}
+    if not background_only:
+        kind = toy.KINDS[rng.integers(len(toy.KINDS))]
+        colour = list(toy.COLOURS)[rng.integers(len(toy.COLOURS))]
+        r = rng.uniform(*radius) * size / 64
+        cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+        mask = toy.shape_mask(size, kind, cx, cy, r, rng.uniform(0, 2 * np.pi))
+        rgb = np.clip(np.array(toy.COLOURS[colour]) + rng.normal(0, 0.04, 3), 0, 1)
+        img[mask] = rgb
+        meta.update(kind=kind, colour=colour, cx=float(cx), cy=float(cy), r=float(r))
+    img = img + rng.normal(0, rng.uniform(0.01, 0.04), img.shape)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask, meta
+
+
+GENERATORS = (1, 2)
+
+
+def generate_corpus(n: int, seed: int, size: int = 64, background_fraction: float = 0.15,
+                    generator: int = toy.GENERATOR_VERSION):
+    """`toy.generate_arrays` of toy generator ``generator``: 2 = the current one (objects may
+    cross the border), 1 = objects fully inside (phase 1 of the shipped model)."""
+    if generator == toy.GENERATOR_VERSION:
+        return toy.generate_arrays(n, seed, size, background_fraction)
+    if generator != 1:
+        raise ValueError(f"toy generator {generator!r} is unknown; choose one of {GENERATORS}")
+    images = np.zeros((n, size, size, 3), np.uint8)
+    masks = np.zeros((n, size, size), bool)
+    captions, metas = [], []
+    for i in range(n):  # the loop of toy.generate_arrays
+        rng = np.random.default_rng([seed, i])
+        bg_only = rng.random() < background_fraction
+        images[i], masks[i], meta = _render_sample_v1(rng, size, bg_only)
+        captions.append(toy.caption_for(meta, rng))
+        metas.append(meta)
+    return images, masks, captions, metas
 
 
 def train_vae(vae, images: np.ndarray, budget_s: float, seed: int, batch: int = 32, crop: int = 32,
@@ -91,8 +139,10 @@ def vae_psnr(vae, images: np.ndarray) -> float:
 def train_unet(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor, captions: list[str],
                budget_s: float, seed: int, batch: int = 32, lr: float = 1e-3,
                caption_dropout: float = 0.1, ema_decay: float = 0.999, max_steps: int = 1_000_000,
-               snapshot_every_s: float = 600, on_snapshot=None, log=None):
-    """Joint UNet + text-encoder training with epsilon-prediction, uniform t; returns the EMA UNet."""
+               snapshot_every_s: float | None = 600, snapshot_steps=(), on_snapshot=None, log=None):
+    """Joint UNet + text-encoder training with epsilon-prediction, uniform t; returns the EMA UNet.
+    ``on_snapshot(step, ema, curve)`` runs every ``snapshot_every_s`` seconds (None: never) and
+    after each step listed in ``snapshot_steps``."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -137,7 +187,8 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor, 
             bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}", total=total)
             if log:
                 log(f"unet step {step}/{total} loss {curve[-1]['loss']:.4f}")
-        if on_snapshot and time.time() - last_snap > snapshot_every_s:
+        timed = snapshot_every_s is not None and time.time() - last_snap > snapshot_every_s
+        if on_snapshot and (timed or step in snapshot_steps) and step < total:
             on_snapshot(step, ema, curve)
             last_snap = time.time()
     bar.close()
@@ -171,32 +222,43 @@ def _load_init(folder: str | Path):
 def train_toy_model(out_dir: str | Path, n_images: int = 20_000, seed: int = 1000,
                     vae_minutes: float = 10, unet_minutes: float = 60, image_size: int = 64,
                     threads: int = 1, snapshot_dir: str | Path | None = None, log=print,
-                    init_from: str | Path | None = None) -> dict:
+                    init_from: str | Path | None = None, generator: int = toy.GENERATOR_VERSION,
+                    vae_steps: int | None = None, unet_steps: int | None = None,
+                    snapshot_every_s: float | None = 600, snapshot_steps=(),
+                    heldout_images: int = 256) -> dict:
     """Make the toy corpus, train VAE then UNet+text encoder, save the pipeline to out_dir.
-    With `init_from`, continue from an earlier toy model (its VAE is kept when vae_minutes=0)."""
+    With `init_from`, continue from an earlier toy model (its VAE is kept when vae_minutes=0 and
+    vae_steps is None). ``vae_steps`` / ``unet_steps`` fix the step counts (the cosine schedules
+    span them) instead of planning them from the minutes. Periodic EMA snapshots (every
+    ``snapshot_every_s`` seconds and at ``snapshot_steps``) go to ``snapshot_dir/step_NNNNNN``.
+    The VAE's PSNR is measured on ``heldout_images`` images of corpus seed + 1."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     started = time.time()
-    images, _, captions, _ = toy.generate_arrays(n_images, seed, image_size, background_fraction=0.15)
+    images, _, captions, _ = generate_corpus(n_images, seed, image_size, 0.15, generator)
     vae, unet, text_encoder, tokenizer, scheduler = toy.build_models(image_size, seed)
     earlier = None
     if init_from:
         vae, unet, text_encoder, earlier = _load_init(init_from)
-    if vae_minutes > 0:
-        vae_info = train_vae(vae, images, vae_minutes * 60, seed, log=log)
+    train_the_vae = vae_steps is None and vae_minutes > 0 or bool(vae_steps)
+    if train_the_vae:
+        vae_info = (train_vae(vae, images, math.inf, seed, max_steps=vae_steps, log=log) if vae_steps
+                    else train_vae(vae, images, vae_minutes * 60, seed, log=log))
     else:
         vae_info = {"steps": 0, "note": f"kept from {init_from}"}
     vae.eval().requires_grad_(False)
     raw = encode_latents(vae, images)
-    if vae_minutes > 0:
+    if train_the_vae:
         vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
     latents = raw * vae.config.scaling_factor
-    val_images, _, _, _ = toy.generate_arrays(256, seed + 1, image_size)
+    val_images, _, _, _ = toy.generate_arrays(heldout_images, seed + 1, image_size)
     vae_info["psnr_db_heldout"] = round(vae_psnr(vae, val_images), 2)
     log(f"VAE: {vae_info['steps']} steps, held-out PSNR {vae_info['psnr_db_heldout']} dB, "
         f"scaling_factor {vae.config.scaling_factor:.4f}")
     info = {"seed": seed, "n_images": n_images, "image_size": image_size, "threads": threads,
-            "arch": toy.TOY_ARCH, "vae": vae_info, "continued_from": earlier}
+            "generator_version": generator, "arch": toy.TOY_ARCH, "vae": vae_info,
+            "continued_from": earlier}
+    unet_started = time.time()
 
     def snapshot(step, ema, curve):
         if snapshot_dir is None:
@@ -205,11 +267,16 @@ def train_toy_model(out_dir: str | Path, n_images: int = 20_000, seed: int = 100
         u = copy.deepcopy(unet)
         ema.copy_to(u.parameters())
         _save_pipeline(Path(snapshot_dir) / f"step_{step:06d}", vae, u, text_encoder, tokenizer,
-                       scheduler, {**info, "unet": {"steps": step, "curve": curve}})
+                       scheduler, {**info, "unet": {"steps": step, "curve": list(curve),
+                                                    "seconds": round(time.time() - unet_started, 1)}})
         log(f"snapshot at step {step}")
 
+    budget = dict(budget_s=math.inf, max_steps=unet_steps) if unet_steps else \
+        dict(budget_s=unet_minutes * 60)
     ema, unet_info = train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions,
-                                unet_minutes * 60, seed, on_snapshot=snapshot, log=log)
+                                seed=seed, snapshot_every_s=snapshot_every_s,
+                                snapshot_steps=set(snapshot_steps), on_snapshot=snapshot, log=log,
+                                **budget)
     ema.copy_to(unet.parameters())
     unet.eval(), text_encoder.eval()
     info["unet"] = unet_info
