@@ -11,6 +11,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fgbg_utils.training.config import FinetuneSettings, SegSettings
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -69,21 +71,8 @@ class BinarizationParams(Section):
     gmm_seed: int = P(0, "random_state of the GMM [I]")
 
 
-class FinetuneParams(Section):
-    max_train_steps: Optional[int] = P(None, "optimizer steps of stage 03 (required there)")
-    batch_size: int = P(4, "images per step and device [C: 3-4]", ge=1)
-    learning_rate: float = P(1e-4, "constant AdamW learning rate [C]", gt=0)
-    p_full: float = P(0.5, "share of full-image samples with y_f [C]", ge=0, le=1)
-    loss_norm: Literal["latent", "mask"] = P("latent", "latent (official) or mask [I]")
-    mode: Literal["full", "lora"] = P("full", "full UNet or lora [I]")
-    lora_rank: int = P(4, "LoRA rank when mode is lora", ge=1)
-    ema_decay: float = P(0.9999, "EMA decay [C]")
-    use_ema: bool = P(True, "sample with EMA weights [C]")
-    gradient_accumulation_steps: int = P(1, "micro-batches per optimizer step", ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = P("no", "no, bf16 or fp16")
-    gradient_checkpointing: bool = P(False, "trade compute for memory")
-    checkpoint_every: int = P(200, "steps between resumable checkpoints", ge=1)
-    hflip: bool = P(True, "random horizontal flip [C]")
+class FinetuneParams(FinetuneSettings, Section):
+    """Stage 03: the trainer's settings (declared in training.config) and its evaluation samples."""
     eval_samples: int = P(16, "y_f and y_b samples before/after fine-tuning (0: none)", ge=0)
     eval_steps: int = P(50, "DDIM steps of those samples", ge=1)
     eval_guidance: float = P(3.0, "scale s of the y_b-vs-y_f contrast samples")
@@ -111,19 +100,10 @@ class SynthesisParams(Section):
     disk_budget_gb: float = P(50.0, "refuse n_images whose outputs could exceed this (raw upper bound; CUB: ~24 GB)")
 
 
-class SegmentationParams(Section):
+class SegmentationParams(SegSettings, Section):
+    """Stage 06: the U-Net's settings (declared in training.segnet) and which rows to train."""
     rows: list[SegRow] = P(list(SEG_ROWS), "U-Net rows of Table 2 to train")
-    size: int = P(128, "input size (short side, crop) [C: 128]", ge=8)
-    base_width: int = P(64, "width of the first level [C: 64]", ge=1)
-    depth: int = P(4, "max-pool downs [C: 4]", ge=1)
-    steps: int = P(12000, "Adam steps [C: 12,000]", ge=1)
-    batch_size: int = P(32, "images per step [C: 32]", ge=1)
-    lr: float = P(2e-3, "Adam learning rate [C]", gt=0)
-    lr_schedule: Literal["constant", "cosine"] = P("constant", "constant [C] or cosine (decays to 0; steadier last weights)")
-    threshold: float = P(0.5, "decision threshold [C]")
-    hflip: bool = P(True, "random horizontal flips [C]")
     protocol: Literal["full", "center_crop"] = P("full", "full (original size) or center_crop (the official crop)")
-    seed: int = P(0, "weights, crops and batch order")
     detector_area: float = P(0.01, "object-free check: supervised U-Net area below this")
 
 

@@ -14,6 +14,7 @@ from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.data.lazy import LazySequence
 from fgbg_utils.io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
 from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, open_stage, update_stage
+from fgbg_utils.training.config import SegSettings
 from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop, resolve_device, train_segnet)
 
 STAGE = "06_evaluation"
@@ -26,13 +27,10 @@ ROW_LABELS = {"M_pre": "M_pre", "M_crop": "M_crop", "unet_M_pre": "U-Net(D, M_pr
               "supervised": "supervised"}
 
 
-def seg_config(cfg: dict) -> SegConfig:
+def seg_config(cfg) -> SegConfig:
     s = cfg.segmentation
-    return SegConfig(size=s["size"], base_width=s["base_width"], depth=s["depth"], steps=s["steps"],
-                     batch_size=s["batch_size"], lr=float(s["lr"]),
-                     lr_schedule=s["lr_schedule"], seed=s["seed"],
-                     threshold=float(s["threshold"]), hflip=s["hflip"], device=cfg.device,
-                     log_every=max(1, s["steps"] // 4))
+    return SegConfig(**s.model_dump(include=set(SegSettings.model_fields)), device=cfg.device,
+                     log_every=max(1, s.steps // 4))
 
 
 def _splits(cfg: dict):

@@ -10,6 +10,7 @@ import numpy as np
 from fgbg_utils.core import models
 from fgbg_utils.data.loader import load_dataset
 from fgbg_utils.data.datasets import load_image
+from fgbg_utils.training.config import FinetuneSettings
 from fgbg_utils.training.finetune import FinetuneConfig, train
 from fgbg_utils.core.frame import image_to_canvas
 from fgbg_utils.runs.params import resolved_prompt
@@ -21,12 +22,13 @@ from fgbg_utils.stages.binarization import STAGE as STAGE02, load_mpre
 STAGE = "03_finetuning"
 
 
-EVAL_KEYS = ("eval_samples", "eval_steps", "eval_guidance")
 
 
-def finetune_config(cfg: dict) -> FinetuneConfig:
-    f = {k: v for k, v in cfg.finetune.model_dump().items() if k not in EVAL_KEYS}
-    return FinetuneConfig(**f, seed=cfg.seed, prompt_full=resolved_prompt(cfg),
+
+def finetune_config(cfg) -> FinetuneConfig:
+    """The trainer's config: the `finetune` section's settings, the seed and the two prompts."""
+    return FinetuneConfig(**cfg.finetune.model_dump(include=set(FinetuneSettings.model_fields)),
+                          seed=cfg.seed, prompt_full=resolved_prompt(cfg),
                           prompt_background=cfg.background_prompt)
 
 

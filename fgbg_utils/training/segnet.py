@@ -24,13 +24,14 @@ Prediction protocols:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fgbg_utils.training.config import SegSettings
 
 
 # ----------------------------------------------------------------------------- the network
@@ -74,23 +75,13 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-@dataclass
-class SegConfig:
-    size: int = 128            # paper: 128 (the toy world uses 64)
-    base_width: int = 64
-    depth: int = 4
-    steps: int = 12000
-    batch_size: int = 32
-    lr: float = 2e-3           # Adam
-    lr_schedule: str = "constant"  # constant (paper) or cosine (decay to 0: a steadier last iterate)
-    seed: int = 0
-    threshold: float = 0.5
-    hflip: bool = True
+class SegConfig(SegSettings):
+    """What the U-Net trainer runs with: the settings plus device and logging."""
     device: str = "auto"       # auto | cpu | cuda
     log_every: int = 500
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 def resolve_device(name: str) -> torch.device:

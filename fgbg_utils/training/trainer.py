@@ -71,7 +71,7 @@ class Finetuner:
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters (LoRA found no target modules?)")
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate)  # torch defaults, wd 0.01
+        optimizer = make_optimizer(self.params, cfg)
         if cfg.mode == "lora":
             accelerator.register_save_state_pre_hook(self._save_hook)
             accelerator.register_load_state_pre_hook(self._load_hook)
@@ -261,3 +261,15 @@ def train(ldm: LDM, data: list, cfg: FinetuneConfig, out_dir, resume: bool = Tru
     say(f"fine-tuned UNet ({cfg.mode}, loss_norm={cfg.loss_norm}) written to {out}")
     return summary
 
+
+
+def make_optimizer(params, cfg: FinetuneConfig):
+    """AdamW with torch defaults (weight decay 0.01) [C]; bitsandbytes' 8-bit AdamW on request."""
+    if not cfg.use_8bit_adam:
+        return torch.optim.AdamW(params, lr=cfg.learning_rate)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError("finetune.use_8bit_adam is true but the bitsandbytes package is not "
+                         "installed; `pip install bitsandbytes` (GPU) or set use_8bit_adam: false") from None
+    return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate)
