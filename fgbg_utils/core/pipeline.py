@@ -21,6 +21,7 @@ Example (from the project root, with the shipped toy model)::
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -37,8 +38,25 @@ BACKGROUND_PROMPT = "a photo of a background"
 
 
 # ----------------------------------------------------------------------------- results
+PER_IMAGE = ("mhat", "mhat_raw", "frames", "ids", "per_timestep", "per_layer", "per_token", "masks",
+             "thresholds", "means", "fg_fraction", "degenerate")
+
+
+class _Select:
+    def select(self, indices: Sequence[int]):
+        """The same result for the images at `indices` only (e.g. the training split)."""
+        idx = [int(i) for i in indices]
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in PER_IMAGE and v is not None:
+                v = v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]
+            out[f.name] = v
+        return type(self)(**out)
+
+
 @dataclass
-class AttentionMaps:
+class AttentionMaps(_Select):
     """M̂ per image on the L×L latent grid of the canonical frame (stage 01's arrays)."""
 
     mhat: np.ndarray                      # (B, L, L) float32, min-max over the valid region
@@ -65,7 +83,7 @@ class AttentionMaps:
 
 
 @dataclass
-class PreliminaryMasks:
+class PreliminaryMasks(_Select):
     """M_pre per image on the latent grid (stage 02)."""
 
     masks: np.ndarray                     # (B, L, L) bool
