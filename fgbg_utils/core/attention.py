@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -127,7 +128,7 @@ def row_bytes(unet, latent_size: int) -> int:
     c0 = int(unet.config.block_out_channels[0])
     elem = torch.finfo(unet.dtype).bits // 8
     ctx = 77
-    return 192 * latent_size ** 2 * c0 * elem + 4 * 8 * latent_size ** 2 * ctx * 4
+    return 64 * latent_size ** 2 * c0 * elem + 4 * 8 * latent_size ** 2 * ctx * 4
 
 
 def auto_batch_rows(unet, latent_size: int, free_bytes: int | None = None,
@@ -147,9 +148,9 @@ def resolve_batch_rows(batch_rows, unet, latent_size: int) -> int:
     """`batch_rows` as an int: a positive int, or "auto" (:func:`auto_batch_rows`)."""
     if batch_rows == "auto":
         return auto_batch_rows(unet, latent_size)
-    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, numbers.Integral) or batch_rows < 1:
         raise ValueError(f"`batch_rows`={batch_rows!r}; give a positive int or 'auto'.")
-    return batch_rows
+    return int(batch_rows)
 
 
 OOM_ERRORS = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the same class
@@ -194,11 +195,11 @@ def attention_maps(unet, scheduler, z0: torch.Tensor, text_emb: torch.Tensor,
             try:
                 unet(zt.to(dev, dtype), t.to(dev), encoder_hidden_states=emb)
             except OOM_ERRORS:
-                if rows_per_call == 1:
+                if len(chunk) == 1:
                     raise
                 store.reset()
                 _free_cache(dev)
-                rows_per_call = max(1, rows_per_call // 2)
+                rows_per_call = max(1, len(chunk) // 2)
                 warnings.warn(f"out of memory with {len(chunk)} rows per UNet call; retrying "
                               f"with {rows_per_call} (set batch_rows to at most that).")
                 continue
