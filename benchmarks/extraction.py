@@ -326,15 +326,15 @@ def table(results) -> str:
 def json_table(r: dict) -> str:
     mem = r["max_memory_allocated_bytes"]
     return "\n".join([
-        f"{r['device']} {r['gpu'] or ''} {r['dtype']}, {r['size']} px, T0={r['levels']}, "
-        f"{r['images']} images, {r['batch_rows']} rows per UNet call",
+        (f"{r['device']} {r['gpu'] or ''} {r['dtype']}, {r['size']} px, T0={r['levels']}, "
+         f"{r['images']} images, {r['batch_rows']} rows per UNet call"),
         f"capture: {r['images_per_s']:.2f} images/s ({r['capture_s']:.3f} s)",
-        f"bare batched UNet forwards: {r['bare_images_per_s']:.2f} images/s -> capture/bare "
-        f"{r['capture_over_bare']:.2f}",
-        f"official per-step (batch {r['official_batch']}, all 77 tokens): "
-        f"{r['official_images_per_s']:.2f} images/s -> speed-up {r['speedup_over_sequential']:.1f}x",
-        f"max_memory_allocated: {'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}; "
-        f"max |dM| {r['max_abs_diff_mhat']:.1e} (scale {r['mhat_scale']:.1e})"])
+        (f"bare batched UNet forwards: {r['bare_images_per_s']:.2f} images/s -> capture/bare "
+         f"{r['capture_over_bare']:.2f}"),
+        (f"official per-step (batch {r['official_batch']}, all 77 tokens): "
+         f"{r['official_images_per_s']:.2f} images/s -> speed-up {r['speedup_over_sequential']:.1f}x"),
+        (f"max_memory_allocated: {'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}; "
+         f"max |dM| {r['max_abs_diff_mhat']:.1e} (scale {r['mhat_scale']:.1e})")])
 
 
 def main(argv=None):

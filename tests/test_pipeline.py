@@ -17,8 +17,10 @@ from fgbg_utils.data.datasets import load_image
 from fgbg_utils.data.loader import load_dataset
 from fgbg_utils.io import read_json
 from fgbg_utils.runs.params import PROJECT_ROOT
-from fgbg_utils.stages import (attention_maps as s01, binarization as s02, finetuning as s03,
-                               refinement as s04)
+from fgbg_utils.stages import attention_maps as s01
+from fgbg_utils.stages import binarization as s02
+from fgbg_utils.stages import finetuning as s03
+from fgbg_utils.stages import refinement as s04
 
 torch.set_num_threads(1)
 TOY = PROJECT_ROOT / "params" / "toy.yaml"

@@ -83,9 +83,9 @@ def test_v_combination_equals_eps_combination():
     """Guidance on v outputs == guidance on the ε they stand for, through one DDIM step."""
     from diffusers import DDIMScheduler
 
-    base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
-                set_alpha_to_one=False)
+    base = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False,
+                "set_alpha_to_one": False}
     sv, se = DDIMScheduler(prediction_type="v_prediction", **base), DDIMScheduler(**base)
     for s_ in (sv, se):
         s_.set_timesteps(10)

@@ -22,14 +22,15 @@ Example (from the project root, with the shipped toy model)::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from fgbg_utils.core import attention, models, seeds as seeds_mod, tokens
+from fgbg_utils.core import attention, models, tokens
+from fgbg_utils.core import seeds as seeds_mod
 from fgbg_utils.core.binarize import binarize
 from fgbg_utils.core.frame import Frame, canvas_to_original, image_to_canvas, make_frame
 from fgbg_utils.core.models import LDM
@@ -215,12 +216,12 @@ class FgBgPipeline:
     # -- construction
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, revision: str | None = None, device: str = "auto",
-                        dtype: str = "float32", finetuned: str | Path | None = None) -> "FgBgPipeline":
+                        dtype: str = "float32", finetuned: str | Path | None = None) -> FgBgPipeline:
         """Load m with `models.load_ldm`; `finetuned`: a stage-03 output folder holding m'."""
         pipe = cls(models.load_ldm(str(path_or_hub_id), revision, device, dtype))
         return pipe.with_finetuned(finetuned) if finetuned is not None else pipe
 
-    def with_finetuned(self, tuned: LDM | str | Path) -> "FgBgPipeline":
+    def with_finetuned(self, tuned: LDM | str | Path) -> FgBgPipeline:
         """A pipeline sharing m with the fine-tuned m' (an LDM, or a stage-03 output folder)."""
         if not isinstance(tuned, LDM):
             from fgbg_utils.training.finetune import load_finetuned
@@ -326,7 +327,7 @@ class FgBgPipeline:
 
     # -- §2.3 fine-tuning (stage 03)
     def finetune(self, images, preliminary_masks: PreliminaryMasks, out_dir: str | Path,
-                 progress: bool = True, **config) -> "FgBgPipeline":
+                 progress: bool = True, **config) -> FgBgPipeline:
         """m -> m' on these images and their M_pre (training.finetune.train, as stage 03).
 
         `config`: FinetuneConfig fields (max_train_steps is required); prompt_full defaults to the
@@ -368,9 +369,18 @@ class FgBgPipeline:
         M = M_pre,up ∧ GMM(d); plus the M_crop baseline. guidance_scale > 1 contrasts y_b against
         y_f (`prompt_f`, default the masks' prompt) as stage 04 does. Seeds per image from
         (seed, ids[i]) as in stage 04 (ids default to the masks' ids)."""
-        from fgbg_utils.core.inpaint import inpaint_background, make_inpaint_pipeline, vae_roundtrip
-        from fgbg_utils.core.refine import (difference_map, m_crop_fill, optional_postprocess,
-                                            refine_mask, upsample_mask)
+        from fgbg_utils.core.inpaint import (
+            inpaint_background,
+            make_inpaint_pipeline,
+            vae_roundtrip,
+        )
+        from fgbg_utils.core.refine import (
+            difference_map,
+            m_crop_fill,
+            optional_postprocess,
+            refine_mask,
+            upsample_mask,
+        )
 
         tuned = self._need_tuned("refine")
         if reference not in ("roundtrip", "original"):
