@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -115,38 +117,99 @@ def image_noise(generator: torch.Generator, n_levels: int, latent_shape) -> torc
     return torch.randn((n_levels, *latent_shape), generator=generator)
 
 
+CPU_BATCH_ROWS = 160  # `batch_rows="auto"` on the CPU (memory is rarely the limit there)
+MAX_AUTO_ROWS = 1024
+
+
+def row_bytes(unet, latent_size: int) -> int:
+    """A generous estimate of the peak activation memory of one UNet row (inference, SDPA self-
+    attention) plus the float32 capture of one row: 192 x L^2 x C0 elements of the UNet dtype
+    (SD 1.5 at 64x64 latent in bf16: ~300 MB), plus the fp32 logits of the widest attn2 layer."""
+    c0 = int(unet.config.block_out_channels[0])
+    elem = torch.finfo(unet.dtype).bits // 8
+    ctx = 77
+    return 64 * latent_size ** 2 * c0 * elem + 4 * 8 * latent_size ** 2 * ctx * 4
+
+
+def auto_batch_rows(unet, latent_size: int, free_bytes: int | None = None,
+                    fraction: float = 0.7) -> int:
+    """Rows per UNet call from free accelerator memory (`torch.cuda.mem_get_info`); on the CPU
+    `CPU_BATCH_ROWS`. `free_bytes` overrides the query (tests)."""
+    dev = unet.device
+    if free_bytes is None:
+        if dev.type != "cuda":
+            return CPU_BATCH_ROWS
+        free_bytes = torch.cuda.mem_get_info(dev)[0]
+    rows = int(fraction * free_bytes // row_bytes(unet, latent_size))
+    return int(min(max(rows, 1), MAX_AUTO_ROWS))
+
+
+def resolve_batch_rows(batch_rows, unet, latent_size: int) -> int:
+    """`batch_rows` as an int: a positive int, or "auto" (:func:`auto_batch_rows`)."""
+    if batch_rows == "auto":
+        return auto_batch_rows(unet, latent_size)
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, numbers.Integral) or batch_rows < 1:
+        raise ValueError(f"`batch_rows`={batch_rows!r}; give a positive int or 'auto'.")
+    return int(batch_rows)
+
+
+OOM_ERRORS = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the same class
+
+
+def _free_cache(device) -> None:
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def attention_maps(unet, scheduler, z0: torch.Tensor, text_emb: torch.Tensor,
                    token_positions: list[int], timesteps, noise: torch.Tensor,
-                   batch_rows: int = 160, progress: bool = False) -> torch.Tensor:
+                   batch_rows: int | str = 160, progress: bool = False) -> torch.Tensor:
     """Per-(image, noise level, layer, token) maps on the latent grid.
 
     z0: (B, C, L, L) clean latents; text_emb: (1, S, D); timesteps: (T,) ints; noise: (B, T, C, L, L).
     Every (image, t) pair is one row: z_t = add_noise(z0, eps, t) from the clean latent (no
-    trajectory), and rows go through the UNet in chunks of `batch_rows`, without CFG.
-    Returns (B, T, n_layers, n_tokens, L, L) float32 on the CPU.
+    trajectory), and rows go through the UNet in chunks of `batch_rows` ("auto": from free GPU
+    memory), without CFG. An out-of-memory error inside a UNet call halves the rows and retries
+    that chunk (down to 1 row). Returns (B, T, n_layers, n_tokens, L, L) float32 on the CPU.
     """
     B, T = z0.shape[0], len(timesteps)
     L = z0.shape[-1]
+    rows_per_call = resolve_batch_rows(batch_rows, unet, L)
     ts = torch.as_tensor(np.asarray(timesteps), dtype=torch.long)
     rows = [(b, k) for b in range(B) for k in range(T)]
     store = AttentionStore(token_positions, L)
     out = None
     dev, dtype = unet.device, unet.dtype
+    bar = tqdm(total=len(rows), desc="UNet rows", disable=not progress, leave=False)
     with capture_cross_attention(unet, store):
-        chunks = range(0, len(rows), max(1, batch_rows))
-        for start in tqdm(chunks, desc="UNet calls", disable=not progress, leave=False):
-            bi = torch.tensor([b for b, _ in rows[start:start + batch_rows]])
-            ki = torch.tensor([k for _, k in rows[start:start + batch_rows]])
+        start = 0
+        while start < len(rows):
+            chunk = rows[start:start + rows_per_call]
+            bi = torch.tensor([b for b, _ in chunk])
+            ki = torch.tensor([k for _, k in chunk])
             t = ts[ki]
             zt = scheduler.add_noise(z0[bi].float().cpu(), noise[bi, ki].float(), t)
             store.reset()
             emb = text_emb.to(dev, dtype).expand(len(bi), -1, -1)
-            unet(zt.to(dev, dtype), t.to(dev), encoder_hidden_states=emb)
+            try:
+                unet(zt.to(dev, dtype), t.to(dev), encoder_hidden_states=emb)
+            except OOM_ERRORS:
+                if len(chunk) == 1:
+                    raise
+                store.reset()
+                _free_cache(dev)
+                rows_per_call = max(1, len(chunk) // 2)
+                warnings.warn(f"out of memory with {len(chunk)} rows per UNet call; retrying "
+                              f"with {rows_per_call} (set batch_rows to at most that).")
+                continue
             maps = store.stacked().float().cpu()
             if out is None:
                 out = torch.zeros((B, T, *maps.shape[1:]))
             out[bi, ki] = maps
+            start += len(chunk)
+            bar.update(len(chunk))
+    bar.close()
     return out
 
 

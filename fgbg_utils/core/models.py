@@ -48,11 +48,34 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def resolve_dtypes(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(UNet dtype, VAE + text-encoder dtype) for a requested `dtype` on `device`.
+
+    One dtype for all three (diffusers' pipelines take the latent dtype from the text encoder and
+    feed it to the UNet and the VAE, so mixing fails). float16 on the CPU is slow or unsupported:
+    everything stays float32 (warned). bfloat16 works on both devices. Captured attention
+    probabilities are float32 in every case."""
+    if dtype not in DTYPES:
+        raise ModelError(f"`dtype`={dtype!r}; choose one of {DTYPES}.")
+    if device.type == "cpu" and dtype == "float16":
+        warnings.warn("`dtype` float16 on the CPU is slow or unsupported (UNet and VAE); using float32.")
+        dtype = "float32"
+    return getattr(torch, dtype), getattr(torch, dtype)
+
+
 def load_ldm(path: str, revision: str | None = None, device: str = "auto",
              dtype: str = "float32", config: str | None = None) -> LDM:
     """Load VAE, UNet, text encoder, tokenizer and a DDIM scheduler with `from_pretrained`.
-    A `.safetensors`/`.ckpt` path is a single-file checkpoint: see `core.single_file` (`config` =
-    `model.config`, the local diffusers folder with its configs)."""
+
+    The scheduler is ``DDIMScheduler`` built from the model's own scheduler config, so
+    ``prediction_type`` (epsilon for SD 1.x, v_prediction for SD 2.x 768) carries through to every
+    scheduler core derives from it. `dtype`: see :func:`resolve_dtypes`. A `.safetensors`/`.ckpt`
+    path is a single-file checkpoint: see `core.single_file` (`config` = `model.config`, the local
+    diffusers folder with its configs)."""
     from fgbg_utils.core import single_file
     if single_file.is_single_file(path):
         return single_file.load_single_file(path, config, device, dtype)
@@ -60,9 +83,11 @@ def load_ldm(path: str, revision: str | None = None, device: str = "auto",
     from transformers import AutoTokenizer, CLIPTextModel
 
     kw = {"revision": revision} if revision else {}
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+    dev = pick_device(device)
+    unet_dtype, vae_dtype = resolve_dtypes(dtype, dev)
+    try:  # diffusers casts at load time (keeping any _keep_in_fp32_modules in float32)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
@@ -71,18 +96,24 @@ def load_ldm(path: str, revision: str | None = None, device: str = "auto",
                          f"model ({type(e).__name__}: {str(e).splitlines()[0]}). Point it at a local "
                          f"folder saved with save_pretrained (unet/, vae/, text_encoder/, tokenizer/, "
                          f"scheduler/) or a reachable hub id.") from None
+    return assemble(vae, unet, text_encoder, tokenizer, scheduler, path, device, dtype)
+
+
+def assemble(vae, unet, text_encoder, tokenizer, scheduler, path, device: str = "auto",
+             dtype: str = "float32") -> LDM:
+    """Checks (4-channel UNet, ε or v prediction), device, one dtype, eval mode, no gradients."""
     if unet.config.in_channels != 4:
-        raise ModelError(f"`model.path`={path!r} has a {unet.config.in_channels}-channel UNet; this "
+        raise ModelError(f"`model.path`={str(path)!r} has a {unet.config.in_channels}-channel UNet; this "
                          f"method needs the standard 4-channel text-to-image UNet, not an inpainting one.")
+    kind = scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ModelError(f"`model.path`={str(path)!r}: scheduler prediction_type {kind!r} is not "
+                         f"supported; this code handles {PREDICTION_TYPES} (SD 1.x: epsilon, SD 2.x "
+                         f"768: v_prediction). Fix scheduler/scheduler_config.json.")
     dev = pick_device(device)
-    if dev.type == "cpu" and dtype == "float16":
-        warnings.warn("`dtype` float16 on the CPU is slow or unsupported; using float32.")
-        dtype = "float32"
-    unet.to(dev).eval().requires_grad_(False)
-    if dtype != "float32":
-        unet.to(getattr(torch, dtype))
-    vae.to(dev).eval().requires_grad_(False)
-    text_encoder.to(dev).eval().requires_grad_(False)
+    _, vae_dtype = resolve_dtypes(dtype, dev)
+    for module in (unet, vae, text_encoder):
+        module.to(dev, vae_dtype).eval().requires_grad_(False)
     return LDM(vae, unet, text_encoder, tokenizer, scheduler, str(path))
 
 
@@ -132,9 +163,18 @@ def encode_prompt(ldm: LDM, prompt: str) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(ldm: LDM, canvases: torch.Tensor, mode: str = "mode",
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """z0 = scaling_factor * E(x); posterior mean (`mode`) or a seeded sample."""
-    x = canvases.to(ldm.vae.device, ldm.vae.dtype)
-    dist = ldm.vae.encode(x).latent_dist
-    z = dist.mode() if mode == "mode" else dist.sample(generator)
-    return z * ldm.vae.config.scaling_factor
+                  generator: torch.Generator | None = None, batch_size: int = 8) -> torch.Tensor:
+    """z0 = scaling_factor * E(x); posterior mean (`mode`) or a seeded sample.
+
+    Encodes `batch_size` canvases at a time (VAE activations at full resolution dominate memory);
+    returns the latents in the VAE's dtype on its device."""
+    if mode not in ("mode", "sample"):
+        raise ValueError(f"mode={mode!r}; choose 'mode' (posterior mean) or 'sample'")
+    out = []
+    for s in range(0, len(canvases), max(1, int(batch_size))):
+        x = canvases[s:s + batch_size].to(ldm.vae.device, ldm.vae.dtype)
+        dist = ldm.vae.encode(x).latent_dist
+        out.append(dist.mode() if mode == "mode" else dist.sample(generator))
+    if not out:
+        raise ValueError("encode_images got no canvases")
+    return torch.cat(out) * ldm.vae.config.scaling_factor

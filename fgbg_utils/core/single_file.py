@@ -13,12 +13,11 @@ tensors and containers only), so no code from the file is ever run.
 from __future__ import annotations
 
 import pickle
-import warnings
 from pathlib import Path
 
 import torch
 
-from fgbg_utils.core.models import LDM, ModelError, pick_device
+from fgbg_utils.core.models import LDM, ModelError, assemble
 
 SUFFIXES = (".safetensors", ".ckpt")
 
@@ -84,22 +83,5 @@ def load_single_file(path, config=None, device: str = "auto", dtype: str = "floa
                          f"{str(e).splitlines()[0] if str(e) else ''}). Check that the file is an "
                          f"original-format Stable Diffusion checkpoint and that the config folder "
                          f"is of the same architecture.") from None
-    return _finish(pipe, DDIMScheduler.from_config(pipe.scheduler.config), str(path), device, dtype)
-
-
-def _finish(pipe, scheduler, path: str, device: str, dtype: str) -> LDM:
-    """As `load_ldm`: 4-channel check, device, eval, no grad, UNet dtype."""
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    if unet.config.in_channels != 4:
-        raise ModelError(f"`model.path`={path!r} has a {unet.config.in_channels}-channel UNet; this "
-                         f"method needs the standard 4-channel text-to-image UNet, not an inpainting one.")
-    dev = pick_device(device)
-    if dev.type == "cpu" and dtype == "float16":
-        warnings.warn("`dtype` float16 on the CPU is slow or unsupported; using float32.")
-        dtype = "float32"
-    unet.to(dev, torch.float32).eval().requires_grad_(False)
-    if dtype != "float32":
-        unet.to(getattr(torch, dtype))
-    vae.to(dev, torch.float32).eval().requires_grad_(False)
-    text_encoder.to(dev, torch.float32).eval().requires_grad_(False)
-    return LDM(vae, unet, text_encoder, pipe.tokenizer, scheduler, path)
+    return assemble(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer,
+                    DDIMScheduler.from_config(pipe.scheduler.config), path, device, dtype)

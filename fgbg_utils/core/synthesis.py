@@ -11,6 +11,13 @@ guidance off for s ≤ 1, hence this loop. It follows the pipeline step for step
 `scale_model_input`, `scheduler.step`, decode `latents / scaling_factor`, image = (x + 1) / 2 clamped
 to [0, 1]); a test checks that s = 1 reproduces the pipeline.
 
+ε- and v-prediction (SD 2.x 768): the UNet output is combined as is. For a fixed z_t both
+ε and v = α_t·ε − σ_t·x̂₀ = (ε − σ_t·z_t)/α_t are affine in ε with the same coefficients, and the
+guidance weights (1 − s) + s sum to 1, so combining v-outputs equals combining ε-outputs and then
+converting. The DDIM scheduler is built from the model's scheduler config, so `scheduler.step`
+reads the combined output as ε or v according to `prediction_type` (tested against
+StableDiffusionPipeline on a tiny v-prediction model).
+
 Seeds: every image gets its own torch.Generator, so its initial noise depends only on its seed,
 never on the batch. The result can still differ in the last bits with the batch composition (CPU
 kernels choose algorithms by batch size); stage 05 therefore resumes whole batches.
@@ -40,7 +47,8 @@ def _expand(emb: torch.Tensor, n: int) -> torch.Tensor:
 @torch.no_grad()
 def guided_eps(unet, z_t: torch.Tensor, t, emb_f: torch.Tensor, emb_b: torch.Tensor,
                s: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Concept-guided noise prediction ε̂ = ε(y_b) + s·(ε(y_f) − ε(y_b)).
+    """Concept-guided model output ε̂ = ε(y_b) + s·(ε(y_f) − ε(y_b)) (ε or v, as the UNet predicts:
+    see the module docstring).
 
     z_t: (B, C, L, L) model input (already passed through `scale_model_input`); t: the timestep;
     emb_f / emb_b: text embeddings of y_f / y_b with batch 1 or B. s: one float, or one scale per row

@@ -17,7 +17,7 @@ from fgbg_utils.runs.params import resolved_prompt
 from fgbg_utils.core import seeds
 from fgbg_utils.io import atomic_write_json
 from fgbg_utils.runs.run_folder import locked_stage, metrics_path, open_stage, update_stage
-from fgbg_utils.stages.binarization import STAGE as STAGE02, load_mpre
+from fgbg_utils.stages.binarization import load_mpre
 
 STAGE = "03_finetuning"
 

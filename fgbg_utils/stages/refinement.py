@@ -19,7 +19,7 @@ from fgbg_utils.io import atomic_save_png, atomic_write_json, read_json
 from fgbg_utils.core.refine import (difference_map, m_crop_fill, optional_postprocess, refine_mask, upsample_mask)
 from fgbg_utils.runs.run_folder import locked_stage, metrics_path, open_stage, require_stage, update_stage
 from fgbg_utils.stages.attention_maps import STAGE as STAGE01
-from fgbg_utils.stages.binarization import STAGE as STAGE02, load_mpre
+from fgbg_utils.stages.binarization import load_mpre
 
 STAGE = "04_refinement"
 STAGE03 = "03_finetuning"
