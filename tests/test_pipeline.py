@@ -48,7 +48,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def maps(run, pipe):
     cfg, records, images = run
-    return pipe.attention_maps(images, cfg["object"], T0=cfg["T0"], seed=cfg["seed"],
+    return pipe.attention_maps(images, cfg.object, T0=cfg.T0, seed=cfg.seed,
                                ids=[r.id for r in records], batch_rows=100, per_timestep=True,
                                per_layer=True, per_token=True)
 
@@ -70,7 +70,7 @@ def test_readme_example_runs_from_project_root(monkeypatch):
 
 def test_attention_maps_equal_stage01(run, maps):
     cfg, records, _ = run
-    summary = read_json(Path(cfg["run_dir"]) / s01.STAGE / "summary.json")
+    summary = read_json(Path(cfg.run_dir) / s01.STAGE / "summary.json")
     assert maps.ids == summary["images"] and maps.prompt == summary["prompt"]
     assert maps.token_positions == summary["token_positions"] and maps.layers == summary["layers"]
     assert maps.timesteps.tolist() == summary["timesteps"]
@@ -85,8 +85,8 @@ def test_attention_maps_equal_stage01(run, maps):
 
 def test_preliminary_masks_equal_stage02(run, pipe, maps):
     cfg, records, _ = run
-    masks = pipe.preliminary_masks(maps, **cfg["binarization"])
-    gmm = read_json(Path(cfg["run_dir"]) / s02.STAGE / "gmm.json")
+    masks = pipe.preliminary_masks(maps, **cfg.binarization.model_dump())
+    gmm = read_json(Path(cfg.run_dir) / s02.STAGE / "gmm.json")
     for i, r in enumerate(records):
         np.testing.assert_array_equal(masks.masks[i], s02.load_mpre(cfg, r.id))
         assert masks.thresholds[i] == gmm[r.id]["threshold"]
@@ -99,24 +99,21 @@ def test_finetune_equals_stage03(run, pipe, maps, tmp_path):
     cfg, records, images = run
     train = [i for i, r in enumerate(records) if r.split == "train"]
     masks = pipe.preliminary_masks(maps).select(train)
-    fc = {k: v for k, v in cfg["finetune"].items() if k not in s03.EVAL_KEYS}
+    fc = s03.finetune_config(cfg).model_dump(exclude={"seed", "prompt_full", "prompt_background"})
     tuned = pipe.finetune([images[i] for i in train], masks, tmp_path / "ft", progress=False,
-                          seed=cfg["seed"], **fc)
+                          seed=cfg.seed, **fc)
     assert tuned.ldm is pipe.ldm and tuned.tuned is not None
-    ref = pipe.with_finetuned(Path(cfg["run_dir"]) / s03.STAGE)
+    ref = pipe.with_finetuned(Path(cfg.run_dir) / s03.STAGE)
     for (n, a), (_, b) in zip(tuned.tuned.unet.state_dict().items(), ref.tuned.unet.state_dict().items()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
 
 
 def test_refine_equals_stage04(run, pipe, maps):
     cfg, records, images = run
-    rc = cfg["refinement"]
-    full = pipe.with_finetuned(Path(cfg["run_dir"]) / s03.STAGE)
+    rc = cfg.refinement
+    full = pipe.with_finetuned(Path(cfg.run_dir) / s03.STAGE)
     masks = full.preliminary_masks(maps)
-    ref = full.refine(images, masks, seed=cfg["seed"], steps=rc["steps"],
-                      guidance_scale=rc["guidance_scale"], reference=rc["reference"],
-                      gmm_seed=rc["gmm_seed"], orphan_filter=rc["orphan_filter"],
-                      postprocess=rc["postprocess"], batch_size=rc["batch_size"])
+    ref = full.refine(images, masks, seed=cfg.seed, **rc.model_dump())
     for i, r in enumerate(records):
         np.testing.assert_array_equal(ref.masks[i], s04.load_refined(cfg, r.id))
         np.testing.assert_array_equal(ref.m_crop[i], s04.load_refined(cfg, r.id, "m_crop"))

@@ -216,7 +216,7 @@ def test_stages_01_02_on_the_photo_folder(photos, tmp_path):
         assert (frame.orig_h, frame.orig_w) == info[i]["shape"]  # upright size, EXIF included
     result = binarization.run(cfg, progress=False)
     assert "no ground-truth" in result["note"]
-    strict = load_params(None, {"model.path": cfg["model"]["path"], "dataset.kind": "folder",
+    strict = load_params(None, {"model.path": cfg.model.path, "dataset.kind": "folder",
                                 "dataset.root": str(dst), "object": "bird", "device": "cpu",
                                 "dataset.on_corrupt": "error"}, run_dir=str(tmp_path / "run2"))
     with pytest.raises(DatasetError, match=r"truncated\.jpg[\s\S]*on_corrupt"):
