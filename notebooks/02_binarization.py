@@ -85,6 +85,8 @@ print(metrics_table(cfg["run_dir"], stages=("02",)))
 # %%
 if "t0_sweep" in result:
     fig = plots.t0_sweep(result["t0_sweep"]["T0"], result["t0_sweep"]["auc_roc"], cfg["T0"])
+elif not gallery.ground_truth_ids(cfg, records, cfg["evaluation"]["split"]):
+    gallery.no_ground_truth("the T0 sweep scores M̂ against them")
 else:
     print("per-timestep maps were not kept (attention.sweep: false)")
 
@@ -99,4 +101,7 @@ ious = gallery.per_image_iou(cfg, gallery.pick_ids(cfg, 10**6, cfg["evaluation"]
 order = sorted(ious, key=ious.get)
 pick = order[-3:][::-1] + order[:3]
 rows = [{**gallery.binarization_row(cfg, i, records), "label": f"{i} IoU {ious[i]:.2f}"} for i in pick]
-fig = plots.image_rows(rows, ["image", "ground truth", "M̂", "M_pre"])
+if rows:
+    fig = plots.image_rows(rows, ["image", "ground truth", "M̂", "M_pre"])
+else:
+    gallery.no_ground_truth("images are ranked by the IoU of M_pre")

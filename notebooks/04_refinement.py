@@ -39,7 +39,7 @@ interactive = True               # widgets when a browser is attached
 # %%
 # %matplotlib inline
 from fgbg_utils.runs.notebook import notebook_config
-from fgbg_utils.views import plots
+from fgbg_utils.views import gallery, plots
 cfg = notebook_config(globals(), stage="04")
 from fgbg_utils.stages import refinement as stage_refinement
 
@@ -63,4 +63,7 @@ print(metrics_table(cfg["run_dir"], stages=("02", "04")))
 # %%
 from fgbg_utils.views.finetune_views import refinement_rows
 rows = refinement_rows(cfg, best=3, worst=3)
-fig = plots.image_rows(rows, ["image", "ground truth", "M_pre", "background", "difference", "M", "M_crop"])
+if not rows:
+    gallery.no_ground_truth("images are ranked by the IoU of M")
+else:
+    fig = plots.image_rows(rows, ["image", "ground truth", "M_pre", "background", "difference", "M", "M_crop"])

@@ -58,7 +58,7 @@ result = stage_evaluation.run(cfg, force=force, progress=False)
 # %%
 # NBVAL_IGNORE_OUTPUT
 print(views.table(cfg))
-print("\nordering:", result["ordering"])
+print("\nordering:", result.get("ordering"))
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -78,7 +78,8 @@ row = next((r for r in ("unet_D_s_plus_synth", "unet_D_s", "M") if r in result["
 if row:
     fig = views.best_worst(cfg, row, best=3, worst=3)
 else:
-    print(result.get("note", "no rows were scored"))
+    from fgbg_utils.views.gallery import no_ground_truth
+    no_ground_truth(result.get("note", "no rows were scored"))
 
 # %% [markdown]
 # ## Explore: every row's mask on one test image (interactive in JupyterLab)

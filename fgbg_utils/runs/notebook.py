@@ -74,11 +74,34 @@ def _named_stages(text: str) -> list[str]:
     return [s for s in found if s in STAGES.values()]
 
 
-def _relative(path: str) -> str:
+def relative(path: str | Path) -> str:
+    """`path` relative to the project root when it lies inside it (as given otherwise)."""
     try:
-        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT.resolve()))
+    except (ValueError, OSError):
         return str(path)
+
+
+def portable(cfg: dict) -> dict:
+    """A copy of resolved parameters with the paths inside the project relative to its root (what
+    `load_params` resolves back to the same paths): no machine paths in injected cells or files."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out["run_dir"] = relative(out["run_dir"])
+    for section, key in (("dataset", "root"), ("model", "path")):
+        value = out[section][key]
+        if value and Path(value).is_absolute():
+            out[section][key] = relative(value)
+    return out
+
+
+def notebook_parameters(cfg: dict, params_file: str | Path, force: bool = False,
+                        interactive: bool = False) -> dict:
+    """What the CLI injects into a stage notebook: every top-level parameter (paths relative to the
+    project root), the params file it came from, force and interactive."""
+    return {"params_file": relative(params_file), **portable(cfg), "force": force,
+            "interactive": interactive}
 
 
 def explain(error: BaseException, cfg: dict | None, stage: str | None = None) -> str:
@@ -104,7 +127,7 @@ def explain(error: BaseException, cfg: dict | None, stage: str | None = None) ->
     if needs_force is None:
         needs_force = "--force" in text
     if needs_force and not getattr(error, "missing", None):
-        run_dir = _relative(cfg["run_dir"]) if cfg else "this run folder"
+        run_dir = relative(cfg["run_dir"]) if cfg else "this run folder"
         return (f"{_first_sentence(text)}\nSet force = True in the parameters cell to recompute "
                 f"them, or set run_dir to another folder than {run_dir}.")
     if not missing:
@@ -120,7 +143,7 @@ def explain(error: BaseException, cfg: dict | None, stage: str | None = None) ->
 
 def run_first(missing: list[str], cfg: dict | None) -> str:
     """`run notebooks 03_finetuning, 04_refinement first` with the shell equivalent."""
-    where = _relative(cfg["run_dir"]) if cfg else "the run folder"
+    where = relative(cfg["run_dir"]) if cfg else "the run folder"
     stages = ",".join(m[:2] for m in missing)
     return (f"the outputs of {', '.join(missing)} are missing or incomplete in {where}.\n"
             f"Run notebook{'s' if len(missing) > 1 else ''} {', '.join(missing)} first, with the "
