@@ -155,7 +155,7 @@ def _first_sentence(text: str) -> str:
     return text.split(" Rerun with --force")[0]
 
 
-class _DropMessages(logging.Filter):
+class DropMessages(logging.Filter):
     def __init__(self, *patterns: str):
         super().__init__()
         self.patterns = patterns
@@ -165,10 +165,15 @@ class _DropMessages(logging.Filter):
         return not any(p in msg for p in self.patterns)
 
 
+def drop(logger: logging.Logger, *patterns: str) -> None:
+    """Drop the logger's messages that contain a pattern (once per logger)."""
+    if not any(isinstance(f, DropMessages) for f in logger.filters):
+        logger.addFilter(DropMessages(*patterns))
+
+
 def quiet_libraries() -> None:
     """Silence the known harmless messages of the libraries (not our own warnings)."""
-    logging.getLogger("transformers.utils.import_utils").addFilter(
-        _DropMessages("requires torchvision (not installed)"))
+    drop(logging.getLogger("transformers.utils.import_utils"), "requires torchvision (not installed)")
     for pattern in (r".*torchvision.*", r".*ImageProcessor.*", r".*`resume_download` is deprecated.*",
                     r".*TypedStorage is deprecated.*", r".*upcast_vae.*"):
         warnings.filterwarnings("ignore", message=pattern)
@@ -196,8 +201,11 @@ def _install_handler(cfg: dict | None, stage: str | None) -> None:
     def handler(shell, etype, value, tb, tb_offset=None):
         message = explain(value, cfg, stage)
         if message == str(value) and not isinstance(value, (StageError, ParamsError)):
-            return shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
-        return [f"{etype.__name__}: {message}"]
+            stb = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
+        else:
+            stb = [f"{etype.__name__}: {message}"]
+        shell._showtraceback(etype, value, stb)  # IPython ignores what a handler returns
+        return stb
 
     ip.set_custom_exc((StageError, ParamsError, FileNotFoundError), handler)
 

@@ -80,8 +80,14 @@ def preflight(cfg: dict, stages=()) -> None:
 def run(params_file: str, sets=(), stages: str | None = None, out: str | None = None,
         force: bool = False, log=print) -> Path:
     """Validate the parameters (before any work), then execute the stages' notebooks in order."""
+    import logging
+
     import papermill as pm
 
+    from fgbg_utils.runs.notebook import drop
+
+    # every parameter is passed; the notebooks name only four in their parameters cell
+    drop(logging.getLogger("papermill"), "Passed unknown parameter")
     cfg = load_params(params_file, sets, run_dir=out)
     order = parse_stages(stages)
     if any(s != "00" for s in order):
