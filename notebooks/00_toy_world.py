@@ -57,6 +57,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 plt.rcParams["figure.dpi"] = 72
 from fgbg_utils.data import toy
+from fgbg_utils.runs.notebook import quiet_libraries
+quiet_libraries()  # known harmless library messages
 from fgbg_utils.views import plots
 
 # %% [markdown]
