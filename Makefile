@@ -1,7 +1,11 @@
 # make demo: create .venv if missing, install, run the default toy pipeline headless (runs/toy),
 #            stages 01-06, then write runs/toy/report.html.
 # make test: install what the tests need and run them (unit tests + nbval on notebooks 01-06).
-# make lab:  open JupyterLab on notebooks/ with the project's environment.
+# make lab:  open JupyterLab on notebooks/ with the project's environment (jupytext pairs each
+#            .ipynb with its notebooks/NN_*.py source; the kernel is registered as `python3`, the
+#            kernelspec the notebooks store, so opening one does not rewrite it).
+# make notebooks: sync the pairs and re-execute the stored notebooks with their default parameters.
+# make lint: ruff on the notebook sources.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -12,9 +16,10 @@ export PYTHONHASHSEED := 0
 
 INSTALLED      := $(VENV)/.installed-runtime
 TEST_INSTALLED := $(VENV)/.installed-test
+LAB_INSTALLED  := $(VENV)/.installed-lab
 NBVAL := $(sort $(wildcard notebooks/0[1-9]_*.ipynb))
 
-.PHONY: demo test lab notebooks benchmark clean install
+.PHONY: demo test lab lint notebooks benchmark clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,15 +45,22 @@ demo: $(INSTALLED)
 test: $(TEST_INSTALLED)
 	$(BIN)/python -m pytest -q tests $(NBVAL) --nbval-lax --nbval-current-env
 
-lab: $(INSTALLED)
-	$(BIN)/python -m pip install -q jupyterlab
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fgbg .venv)"
+$(LAB_INSTALLED): requirements-lab.txt $(INSTALLED)
+	$(BIN)/python -m pip install -q -r requirements-lab.txt
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)"
+	touch $@
+
+lab: $(LAB_INSTALLED)
 	cd notebooks && ../$(BIN)/jupyter lab
 
-# Regenerate the notebooks from tools/build_notebooks.py and store their small outputs.
+lint: $(TEST_INSTALLED)
+	$(BIN)/python -m ruff check notebooks/
+
+# The .py sources and the .ipynb are synced (the newer side wins), then 00-06 are re-executed in
+# place with their parameters cells' defaults (params/toy.yaml into runs/toy) and small outputs.
 notebooks: $(TEST_INSTALLED)
-	rm -rf runs/notebook
-	$(BIN)/python tools/build_notebooks.py --execute
+	$(BIN)/jupytext --sync notebooks/0*_*.ipynb
+	$(BIN)/python tools/execute_notebooks.py $(sort $(wildcard notebooks/0*_*.ipynb))
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/extraction.py

@@ -1,14 +1,115 @@
-"""`python -m fgbg_utils report DIR`: one HTML file with the run's metrics table on top and the
-executed notebooks of DIR/notebooks below (nbconvert's HTML exporter, inputs and outputs)."""
+"""`python -m fgbg_utils report DIR`: one self-contained HTML file that opens offline: the run's
+Table 2 as a bar chart beside the paper's CUB numbers, the metrics table, then the executed
+notebooks of DIR/notebooks (nbconvert's HTML exporter). No script is loaded or run: equations are
+converted to MathML when the report is written (latex2mathml), figures are embedded, progress bars
+and widget views (which need a browser-side widget manager) are dropped, paths are relative."""
 from __future__ import annotations
 
+import copy
 import html
+import io
 import json
+import re
 from pathlib import Path
+
+from jinja2 import pass_context
+from nbconvert import HTMLExporter
+from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
 
 from fgbg_utils.io import atomic_write_text
 from fgbg_utils.runs.run_folder import StageError
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
+
+PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm bar: " 40%|████      | 4/10 [00:01<...]"
+WIDGET = "application/vnd.jupyter.widget-view+json"
+SCRIPT_MIMES = ("application/javascript", "text/javascript", WIDGET)
+
+
+def tex_to_mathml(tex: str, display: bool = False) -> str:
+    """MathML for a TeX formula; the escaped TeX in <code> when latex2mathml cannot read it."""
+    from latex2mathml.converter import convert
+
+    try:
+        return convert(tex.strip(), display="block" if display else "inline")
+    except Exception:  # latex2mathml raises several kinds; the text stays readable
+        return f"<code class='tex'>{html.escape(tex)}</code>"
+
+
+class MathMLRenderer(IPythonRenderer):
+    """nbconvert's markdown renderer with `$…$`, `$$…$$` and LaTeX environments as MathML."""
+
+    def block_math(self, body: str) -> str:
+        return tex_to_mathml(body, display=True)
+
+    def inline_math(self, body: str) -> str:
+        return tex_to_mathml(body)
+
+    def latex_environment(self, name: str, body: str) -> str:
+        return tex_to_mathml(f"\\begin{{{name}}}{body}\\end{{{name}}}", display=True)
+
+
+class OfflineHTMLExporter(HTMLExporter):
+    """The classic HTML export with math rendered at export time."""
+
+    @pass_context
+    def markdown2html(self, context, source):
+        cell = context.get("cell", {})
+        renderer = MathMLRenderer(escape=False, attachments=cell.get("attachments", {}),
+                                  embed_images=self.embed_images,
+                                  path=context.get("resources", {}).get("metadata", {}).get("path", ""),
+                                  anchor_link_text=self.anchor_link_text,
+                                  exclude_anchor_links=self.exclude_anchor_links, **self.lexer_options)
+        return MarkdownWithMath(renderer=renderer).render(source)
+
+
+def _final_lines(text: str) -> list[str]:
+    """Lines as a terminal shows them (`\\r` rewinds), without progress bars."""
+    lines = [line.split("\r")[-1] for line in text.split("\n")]
+    return [line for line in lines if not PROGRESS.search(line)]
+
+
+def static_notebook(nb):
+    """A copy of an executed notebook with only what renders without scripts."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for out in cell.outputs:
+            if out.output_type == "stream":
+                text = "\n".join(_final_lines(out.text))
+                if text.strip():
+                    out.text = text
+                    outputs.append(out)
+                continue
+            data = out.get("data")
+            if data is not None:
+                if WIDGET in data:
+                    continue  # progress bars and explorers: interactive only
+                for mime in SCRIPT_MIMES:
+                    data.pop(mime, None)
+                if not data:
+                    continue
+            outputs.append(out)
+        cell.outputs = outputs
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
+STYLE = re.compile(r"<style[^>]*>.*?</style>", re.S | re.I)
+SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.S | re.I)
+
+
+def notebook_body(path: Path) -> tuple[str, str]:
+    """(the exporter's <style> blocks, the <body> content) of one executed notebook, scripts removed."""
+    import nbformat
+
+    exporter = OfflineHTMLExporter(template_name="classic")
+    page, _ = exporter.from_notebook_node(static_notebook(nbformat.read(str(path), as_version=4)))
+    head = page[:page.find("</head>")] if "</head>" in page else ""
+    start, end = page.find("<body"), page.rfind("</body>")
+    body = page[page.find(">", start) + 1:end] if start >= 0 and end > 0 else page
+    return "".join(STYLE.findall(head)), SCRIPT.sub("", body)
 
 
 def _table_html(run_dir: Path) -> str:
@@ -16,7 +117,7 @@ def _table_html(run_dir: Path) -> str:
 
     rows = metrics_rows(run_dir, stages=("02", "04", "06"))
     if not rows:
-        return "<p>(no metrics with ground truth in this run)</p>"
+        return "<p>no ground-truth masks in this dataset: no metrics in this run</p>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ("row", *METRIC_COLUMNS, "paper CUB IoU"))
     body = []
     for name, m in rows:
@@ -27,7 +128,55 @@ def _table_html(run_dir: Path) -> str:
     return f"<table class='fgbg'><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def table2_chart(metrics: dict) -> str | None:
+    """Stage 06's foreground IoU per row beside the paper's CUB numbers (Table 2), as inline SVG;
+    None when no row was scored."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
+
+    keys = [k for k in ROWS if k in metrics.get("rows", {})]
+    if not keys:
+        return None
+    ours = [100 * metrics["rows"][k]["iou"] for k in keys]
+    paper = [metrics.get("paper_cub_iou", {}).get(k) for k in keys]
+    y = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(keys) + 1.4))
+    ax.barh(y - 0.2, ours, 0.4, label="this run (IoU %)", color="tab:blue")
+    ax.barh(y + 0.2, [p if p is not None else 0 for p in paper], 0.4, label="paper, CUB (IoU %)",
+            color="0.7")
+    for yi, v in zip(y, ours):
+        ax.text(v + 0.5, yi - 0.2, f"{v:.1f}", va="center", fontsize=7)
+    ax.set_yticks(y, [ROW_LABELS[k] for k in keys])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("foreground IoU (%)")
+    ax.set_title("Table 2: foreground IoU on the evaluation split", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+    fig.tight_layout()
+    buf = io.StringIO()
+    with plt.rc_context({"svg.fonttype": "path", "svg.hashsalt": "fgbg"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.find("<svg"):]
+
+
+def _chart_html(run_dir: Path) -> str:
+    path = run_dir / "metrics" / f"{STAGES['06']}.json"
+    if not path.exists():
+        return ""
+    svg = table2_chart(json.loads(path.read_text()))
+    return f"<div class='fgbg-chart'>{svg}</div>" if svg else ""
+
+
 def _manifest_html(run_dir: Path) -> str:
+    from fgbg_utils.runs.notebook import relative
+
     path = run_dir / "manifest.json"
     if not path.exists():
         return ""
@@ -36,24 +185,10 @@ def _manifest_html(run_dir: Path) -> str:
                        for k, v in m.get("stages", {}).items())
     seeds = ", ".join(f"{k}={v}" for k, v in m.get("seeds", {}).items())
     git = m.get("git", {})
-    return (f"<p><b>params</b>: {html.escape(str(m.get('params_file')))} "
+    return (f"<p><b>params</b>: {html.escape(relative(str(m.get('params_file'))))} "
             f"{html.escape(' '.join('--set ' + s for s in m.get('overrides', [])))}<br>"
             f"<b>seeds</b>: {html.escape(seeds)}<br><b>stages</b>: {html.escape(stages)}<br>"
             f"<b>git</b>: {html.escape(str(git.get('commit')))}{' (dirty)' if git.get('dirty') else ''}</p>")
-
-
-def notebook_body(path: Path) -> str:
-    """The HTML body of one executed notebook (the exporter's full page, reduced to <body>)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    exporter = HTMLExporter(template_name="classic")
-    page, _ = exporter.from_notebook_node(nbformat.read(str(path), as_version=4))
-    start, end = page.find("<body"), page.rfind("</body>")
-    head_end = page.find("</head>")
-    style = page[page.find("<head>") + 6:head_end] if head_end > 0 else ""
-    body = page[page.find(">", start) + 1:end] if start >= 0 and end > 0 else page
-    return style, body
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -70,11 +205,14 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append(f"<section id='{path.stem}'><h1 class='fgbg-nb'>{html.escape(path.stem)}</h1>"
                      f"{body}</section>")
     toc = " · ".join(f"<a href='#{p.stem}'>{html.escape(p.stem)}</a>" for p in notebooks)
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fgbg run {html.escape(run_dir.name)}"
-            f"</title>{style}<style>table.fgbg td,table.fgbg th{{padding:2px 8px;border:1px solid #ccc}}"
-            f"h1.fgbg-nb{{border-top:3px solid #444;padding-top:8px}}</style></head><body>"
-            f"<div style='margin:1em'><h1>fgbg run: {html.escape(str(run_dir))}</h1>"
-            f"{_manifest_html(run_dir)}<h2>Metrics (evaluation split, pooled)</h2>{_table_html(run_dir)}"
+    name = html.escape(run_dir.resolve().name)
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fgbg run {name}</title>"
+            f"{style}<style>table.fgbg td,table.fgbg th{{padding:2px 8px;border:1px solid #ccc}}"
+            f"h1.fgbg-nb{{border-top:3px solid #444;padding-top:8px}}"
+            f".fgbg-chart svg{{max-width:100%;height:auto}}</style></head><body>"
+            f"<div style='margin:1em'><h1>fgbg run: {name}</h1>"
+            f"{_manifest_html(run_dir)}{_chart_html(run_dir)}"
+            f"<h2>Metrics (evaluation split, pooled)</h2>{_table_html(run_dir)}"
             f"<p>{toc}</p></div>{''.join(parts)}</body></html>")
     out = run_dir / "report.html"
     atomic_write_text(out, page)

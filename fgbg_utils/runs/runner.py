@@ -1,5 +1,7 @@
 """Headless runs: execute the numbered notebooks in order with papermill into one run folder, and
-record parameters, seeds, package versions and the git commit in DIR/manifest.json."""
+record parameters, seeds, package versions and the git commit in DIR/manifest.json. Each notebook
+gets every top-level parameter as a papermill parameter (paths relative to the project root), the
+way `papermill NB.ipynb OUT.ipynb -f params/toy.yaml` passes them."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fgbg_utils.io import atomic_write_json, read_json
+from fgbg_utils.runs.notebook import notebook_parameters, portable, relative
 from fgbg_utils.runs.params import PROJECT_ROOT, ParamsError, load_params, save_params
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
@@ -77,20 +80,25 @@ def preflight(cfg: dict, stages=()) -> None:
 def run(params_file: str, sets=(), stages: str | None = None, out: str | None = None,
         force: bool = False, log=print) -> Path:
     """Validate the parameters (before any work), then execute the stages' notebooks in order."""
+    import logging
+
     import papermill as pm
 
+    from fgbg_utils.runs.notebook import drop
+
+    # every parameter is passed; the notebooks name only four in their parameters cell
+    drop(logging.getLogger("papermill"), "Passed unknown parameter")
     cfg = load_params(params_file, sets, run_dir=out)
     order = parse_stages(stages)
     if any(s != "00" for s in order):
         preflight(cfg, order)
     run_dir = Path(cfg["run_dir"])
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / "params.yaml"
-    save_params(cfg, resolved)
+    save_params(portable(cfg), run_dir / "params.yaml")
     manifest_path = run_dir / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
     manifest.update({
-        "params_file": str(params_file), "overrides": list(sets), "params": cfg,
+        "params_file": relative(params_file), "overrides": list(sets), "params": portable(cfg),
         "seeds": {"seed": cfg["seed"], "dataset.seed": cfg["dataset"]["seed"],
                   "binarization.gmm_seed": cfg["binarization"]["gmm_seed"]},
         "versions": package_versions(), "git": git_state(), "force": force, "started": _now()})
@@ -104,8 +112,7 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
         try:
             pm.execute_notebook(
                 str(NOTEBOOKS / f"{name}.ipynb"), str(run_dir / "notebooks" / f"{name}.ipynb"),
-                parameters={"params_file": str(resolved), "run_dir": str(run_dir), "force": force,
-                            "overrides": {}, "interactive": False},
+                parameters=notebook_parameters(cfg, params_file, force=force) if key != "00" else {},
                 cwd=str(NOTEBOOKS), progress_bar=False, request_save_on_cell_execute=True)
         except Exception:
             manifest["stages"][name].update(status="failed", seconds=round(time.time() - t0, 1))
@@ -153,7 +160,7 @@ def metrics_rows(run_dir: str | Path, stages=("02", "04", "06")) -> list[tuple[s
 def metrics_table(run_dir: str | Path, stages=("02", "04", "06")) -> str:
     rows = metrics_rows(run_dir, stages)
     if not rows:
-        return "(no metrics with ground truth in this run)"
+        return "no ground-truth masks in this dataset: no metrics in this run"
     paper = any(m.get("paper_cub_iou") is not None for _, m in rows)
     cols = ["row", *METRIC_COLUMNS] + (["paper CUB IoU"] if paper else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

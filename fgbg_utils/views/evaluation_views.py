@@ -71,6 +71,9 @@ def table(cfg: dict) -> str:
     from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
 
     m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+    if not m["rows"]:
+        from fgbg_utils.views.gallery import NO_GROUND_TRUTH
+        return f"{NO_GROUND_TRUTH}no row of Table 2 could be scored"
     cols = ("acc", "iou", "miou", "iou_per_image", "dice_per_image", "box_iou")
     lines = [f"{'row':<20}" + "".join(f"{c:>15}" for c in cols) + f"{'paper CUB IoU':>15}"]
     for key in ROWS:
@@ -148,7 +151,8 @@ def prediction_explorer(cfg: dict, interactive: bool = True):
 
     m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
     if not m["rows"]:
-        print(m.get("note", "no rows were scored"))
+        from fgbg_utils.views.gallery import no_ground_truth
+        no_ground_truth("no row could be scored, so there is nothing to explore")
         return None
     key = "unet_D_s" if "unet_D_s" in m["rows"] else next(iter(m["rows"]))
     ious = m["rows"][key]["per_image_iou"]

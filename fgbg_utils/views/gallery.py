@@ -3,12 +3,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from fgbg_utils.data.loader import load_dataset
 from fgbg_utils.data.datasets import load_image, load_mask
 from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.io import read_json
 from fgbg_utils.stages.attention_maps import STAGE as STAGE01, load_map
+
+
+NO_GROUND_TRUTH = "no ground-truth masks in this dataset: "
+
+
+def no_ground_truth(what: str) -> None:
+    """Say, instead of failing, that a figure or metric needs ground truth the dataset lacks."""
+    print(f"{NO_GROUND_TRUTH}{what}")
+
+
+def ground_truth_ids(cfg: dict, records: dict | None = None, split: str | None = None) -> list[str]:
+    """Ids of the stage-01 images (of `split`) that have a ground-truth mask."""
+    records = records or records_by_id(cfg)
+    return [i for i in pick_ids(cfg, 10**9, split) if i in records and records[i].mask is not None]
 
 
 def summary01(cfg: dict) -> dict:

@@ -1,0 +1,115 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Attention maps: where does the model look when it reads the object word?
+#
+# A text-to-image latent diffusion model (LDM) denoises a latent $z_t$ while reading a prompt such as
+# *"a photo of a bird"*. Every cross-attention layer $l$ lets each latent pixel attend to the prompt's
+# tokens:
+#
+# $$\psi_{z_t,l} = \operatorname{softmax}\!\Big(\frac{Q_l K_l^\top}{\sqrt d}\Big),\qquad
+# Q_l = W_Q\,\varphi(z_{t,l}),\quad K_l = W_K\,\tau_\theta(y).$$
+#
+# The column of $\psi$ that belongs to the object word says, for each pixel, how much the model
+# "looks at" the word there. Dombrowski et al. (ICCV 2023) average it over the $T_0$ lowest noise
+# levels and all cross-attention layers (their Eq. 3–4):
+#
+# $$\hat M = \frac{1}{T_0\,|L|}\sum_{t=1}^{T_0}\sum_{l} \psi_{z_{t},l}[\,\cdot\,, \text{object}].$$
+#
+# How this notebook computes it (METHOD §2.1):
+# 1. Put the image in the **canonical frame** (long edge to the model's resolution $R$, pad with black)
+#    and encode it: $z_0 = s\cdot\mathcal E(x)$.
+# 2. For each of the $T_0$ lowest steps of the 50-step DDIM grid, noise the *clean* latent afresh,
+#    $z_t = \sqrt{\bar\alpha_t}\,z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon_t$ — the levels are independent,
+#    so **all of them go through the UNet in one batched call**.
+# 3. A diffusers attention processor installed on the `attn2` (cross-attention) layers only keeps the
+#    head-averaged softmax probabilities of the object token's column(s); self-attention keeps the fast
+#    SDPA processor. Each layer's map is repeated up to the latent grid (nearest).
+# 4. $\hat M$ is the plain mean over layers and levels, min-max normalised per image.
+#
+# **The toy world.** By default this runs offline on the project's toy world: shapes on textured
+# backgrounds, and a small LDM trained by notebook 00 whose concept word is *shape*. It departs from
+# Stable Diffusion on purpose, and says so: a 0-layer CLIP text encoder, cross-attention only in the
+# encoder half of the UNet, a 4× VAE and 64-px images (16×16 latents). With `params/cub.yaml` the same
+# code runs Stable Diffusion v1.4 on CUB.
+
+# %% tags=["parameters"]
+# Parameters: papermill injects values after this cell. Any top-level key of the params file can
+# be passed too, with -p KEY VALUE or -f FILE.yaml (e.g. -p T0 30, -p dataset '{n_train: 8}');
+# they are merged over params_file, like the CLI's --set.
+params_file = "params/toy.yaml"  # the YAML that drives this notebook (relative: project root)
+run_dir = "runs/toy"             # run folder (relative: project root; the CLI passes its --out)
+force = False                    # recompute this stage's finished outputs
+interactive = True               # widgets when a browser is attached
+
+# %%
+# %matplotlib inline
+from fgbg_utils.runs.notebook import notebook_config
+from fgbg_utils.views import gallery, plots
+cfg = notebook_config(globals(), stage="01")
+
+# %% [markdown]
+# ## The object token
+#
+# Token positions come from the model's own tokenizer (position 0 is the start token). A word that
+# splits into several tokens keeps all of them; extra words in `parts` are summed with the object's map.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from fgbg_utils.core import models, tokens
+from fgbg_utils.runs.params import resolved_prompt
+tokenizer = models.load_tokenizer(cfg["model"]["path"], cfg["model"]["revision"])
+y_f = resolved_prompt(cfg)
+print("prompt:", y_f)
+print("token positions:", tokens.prompt_positions(tokenizer, y_f, [cfg["object"], *cfg["parts"]]))
+
+# %% [markdown]
+# ## The noise levels
+#
+# The 50-step DDIM grid with SD's `leading` spacing and `steps_offset=1` is 981, 961, …, 21, 1; stage 01
+# uses its $T_0$ lowest entries (the paper: $T_0 = 40$, so $t = 1, 21, …, 781$).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from fgbg_utils.stages.attention_maps import run as run_stage01
+grid = models.noise_grid(models.load_scheduler(cfg["model"]["path"], cfg["model"]["revision"]),
+                         cfg["attention"]["grid_steps"])
+print("T0 =", cfg["T0"], "lowest levels:", sorted(grid.tolist())[:cfg["T0"]])
+
+# %% [markdown]
+# ## Run stage 01
+#
+# Finished images are skipped on a rerun (`force=True` recomputes). Maps go to
+# `RUN/01_attention_maps/maps/<id>.npz`: $\hat M$ (normalised and raw) plus, for exploration, the
+# per-noise-level, per-layer and per-token maps.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+summary = run_stage01(cfg, force=force)
+print(f"{summary['n_images']} images, {summary['n_computed']} computed now; "
+      f"{len(summary['layers'])} cross-attention layers; skipped inputs: {summary['skipped_images']}")
+
+# %% [markdown]
+# ## Image, ground truth and $\hat M$
+
+# %%
+records = gallery.records_by_id(cfg)
+ids = gallery.pick_ids(cfg, cfg["evaluation"]["figure_images"])
+rows = [gallery.attention_row(cfg, i, records) for i in ids]
+fig = plots.image_rows(rows, ["image", "ground truth", "M̂"])
+
+# %% [markdown]
+# ## Looking inside: noise levels, layers, tokens
+#
+# In JupyterLab the explorer below has a dropdown for the image and a slider over noise levels,
+# layers or tokens. Headless (papermill, CI) it draws the same views as static figures.
+
+# %%
+from fgbg_utils.views.widgets import attention_explorer
+figs = attention_explorer(cfg, ids, interactive)

@@ -1,0 +1,46 @@
+"""Re-execute stored notebooks in place with their default parameters and keep small outputs
+(`make notebooks`). Edit the paired notebooks/NN_*.py (or the .ipynb in JupyterLab), not this file.
+
+    python tools/execute_notebooks.py notebooks/01_attention_maps.ipynb ...
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+
+def tidy(nb) -> None:
+    """Drop what makes diffs noisy or cannot render offline: timestamps, stderr (progress bars),
+    widget views; join the stream chunks of a cell into one output per run of prints."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.metadata.pop("execution", None)
+        kept = [o for o in cell.outputs
+                if not (o.output_type == "stream" and o.name == "stderr")
+                and "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+        cell.outputs = []
+        for o in kept:
+            last = cell.outputs[-1] if cell.outputs else None
+            if last is not None and o.output_type == last.output_type == "stream" and o.name == last.name:
+                last.text += o.text
+            else:
+                cell.outputs.append(o)
+    nb.metadata.pop("widgets", None)
+
+
+def execute(path: Path, timeout: int = 3600) -> None:
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    tidy(nb)
+    nbformat.write(nb, path)
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        print(f"executing {name} ...", flush=True)
+        execute(Path(name))
