@@ -43,19 +43,27 @@ def _checker(h: int, w: int, cell: int = 8) -> np.ndarray:
     return np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 0.85, 0.65) * np.ones(3)
 
 
-def synthetic_rows(cfg, n: int = 6):
-    """Columns: D', D'_m, D'_f (over a checkerboard) and D'_b, for the first n synthetic images."""
+def synthetic_ids(cfg) -> list[str]:
+    """Ids of the synthetic pairs of stage 05 (sorted)."""
+    return sorted(p.stem for p in (Path(cfg.run_dir) / "05_synthesis" / "dataset" / "masks").glob("*.png"))
+
+
+def synthetic_pair(cfg, image_id: str) -> list[np.ndarray]:
+    """D', D'_m, D'_f (over a checkerboard) and D'_b of one synthetic image, floats in [0, 1]."""
     root = Path(cfg.run_dir) / "05_synthesis"
-    ids = sorted(p.stem for p in (root / "dataset" / "masks").glob("*.png"))[:n]
-    rows = []
-    for i in ids:
-        img = np.asarray(Image.open(root / "dataset" / "images" / f"{i}.png").convert("RGB")) / 255
-        mask = np.asarray(Image.open(root / "dataset" / "masks" / f"{i}.png")) > 127
-        rgba = np.asarray(Image.open(root / "foregrounds" / f"{i}.png")) / 255
-        cut = rgba[..., :3] * rgba[..., 3:] + _checker(*mask.shape) * (1 - rgba[..., 3:])
-        back = np.asarray(Image.open(root / "backgrounds" / f"{i}.png").convert("RGB")) / 255
-        rows.append([img, mask.astype(float), cut, back])
-    return _grid(rows, ids, ["D'", "D'_m", "D'_f", "D'_b"])
+    img = np.asarray(Image.open(root / "dataset" / "images" / f"{image_id}.png").convert("RGB")) / 255
+    mask = np.asarray(Image.open(root / "dataset" / "masks" / f"{image_id}.png")) > 127
+    rgba = np.asarray(Image.open(root / "foregrounds" / f"{image_id}.png")) / 255
+    cut = rgba[..., :3] * rgba[..., 3:] + _checker(*mask.shape) * (1 - rgba[..., 3:])
+    back = np.asarray(Image.open(root / "backgrounds" / f"{image_id}.png").convert("RGB")) / 255
+    return [img, mask.astype(float), cut, back]
+
+
+def synthetic_rows(cfg, n: int = 6, ids: list[str] | None = None, size: float = 1.2):
+    """Columns: D', D'_m, D'_f (over a checkerboard) and D'_b, for the first n synthetic images
+    (or the given ids)."""
+    ids = synthetic_ids(cfg)[:n] if ids is None else ids
+    return _grid([synthetic_pair(cfg, i) for i in ids], ids, ["D'", "D'_m", "D'_f", "D'_b"], size)
 
 
 def pure_backgrounds(cfg, n: int = 8):
@@ -84,6 +92,36 @@ def table(cfg) -> str:
         lines.append(f"{ROW_LABELS[key]:<20}" + "".join(f"{row[c]:>15.3f}" for c in cols)
                      + (f"{paper:>15.1f}" if paper is not None else ""))
     return "\n".join(lines)
+
+
+def table2_figure(cfg):
+    """Stage 06's foreground IoU per row (this run) beside the paper's CUB IoU (Table 2), as
+    horizontal bars; None (with a message) when no row was scored."""
+    from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
+
+    m = read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json")
+    keys = [k for k in ROWS if k in m["rows"]]
+    if not keys:
+        from fgbg_utils.views.gallery import no_ground_truth
+        no_ground_truth("no row of Table 2 could be scored, so there is no chart")
+        return None
+    ours = [100 * m["rows"][k]["iou"] for k in keys]
+    paper = [m.get("paper_cub_iou", {}).get(k) for k in keys]
+    y = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(keys) + 1.4))
+    ax.barh(y - 0.2, ours, 0.4, label="this run (IoU %)", color="tab:blue")
+    ax.barh(y + 0.2, [p or 0 for p in paper], 0.4, label="paper, CUB (IoU %)", color="0.7")
+    for yi, v, p in zip(y, ours, paper):
+        ax.text(v + 0.5, yi - 0.2, f"{v:.1f}", va="center", fontsize=7)
+        if p is not None:
+            ax.text(p + 0.5, yi + 0.2, f"{p:.1f}", va="center", fontsize=7, color="0.4")
+    ax.set_yticks(y, [ROW_LABELS[k] for k in keys])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 105), ax.set_xlabel("foreground IoU (%)")
+    ax.set_title("Table 2: this run beside the paper's CUB numbers", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 def training_curves(cfg):
