@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -144,10 +143,13 @@ def test_missing_stages_named_with_notebooks(tmp_path):
     assert e.value.missing == ["01_attention_maps", "02_binarization", "03_finetuning", "04_refinement"]
     # the stage code's CLI hint becomes a notebook hint
     cfg = notebook_config(ns)
-    err = StageError("x holds outputs made with other parameters (changed: ['T0']). Rerun with --force "
-                     "to recompute them, or use another --out run folder.")
-    assert "Set force = True in the parameters cell" in explain(err, cfg)
-    assert "--force" not in explain(err, cfg)
+    err = StageError("x holds outputs made with other parameters or data (changed: ['T0']). To "
+                     "recompute them: In JupyterLab: ... From the shell: python -m fgbg_utils run "
+                     "PARAMS.yaml --stages 01 --out x --force. Or use another run folder.",
+                     missing=["01"], needs_force=True)
+    assert "Set force = True in the parameters cell" in explain(err, cfg, "01")
+    assert "--force" not in explain(err, cfg, "01")
+    assert "Rerun notebook 01_attention_maps first with force = True" in explain(err, cfg, "02")
     err = StageError("stage 06 (evaluation) needs the outputs of stage 04_refinement, which are missing")
     assert "04_refinement" in explain(err, cfg, "06") and "01_attention_maps" in explain(err, cfg, "06")
 
@@ -177,7 +179,7 @@ def test_readme_papermill_commands(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     stage = json.loads((run / "01_attention_maps" / "stage.json").read_text())
     assert stage["complete"] and stage["params"]["T0"] == 30
-    assert stage["params"]["dataset"]["n_train"] == 2 and stage["params"]["dataset"]["kind"] == "toy"
+    assert stage["params"]["dataset.n_train"] == 2 and stage["params"]["dataset.kind"] == "toy"
     stderr = "".join(o.text for c in nb.cells for o in c.get("outputs", [])
                      if o.output_type == "stream" and o.name == "stderr")
     assert "torchvision" not in stderr and "ImageProcessor" not in stderr

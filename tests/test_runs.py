@@ -38,10 +38,10 @@ def test_deterministic_and_resumable(tmp_path):
     assert stage_attention.run(a, progress=False)["n_computed"] == 0
     victim = sorted(ma)[0]
     stage_attention.map_path(a, victim).unlink()
-    assert stage_attention.run(a, progress=False)["n_computed"] == 1
-    # same noise, same map (up to float reassociation: the image now sits in a batch of one)
-    np.testing.assert_allclose(stage_attention.load_map(a, victim)["mhat"],
-                               stage_attention.load_map(b, victim)["mhat"], atol=1e-5)
+    # its whole batch (a fixed slice of the image list) is recomputed: the same bits as before
+    assert stage_attention.run(a, progress=False)["n_computed"] >= 1
+    np.testing.assert_array_equal(stage_attention.load_map(a, victim)["mhat"],
+                                  stage_attention.load_map(b, victim)["mhat"])
 
 
 def test_changed_parameters_are_refused_unless_forced(tmp_path):

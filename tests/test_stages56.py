@@ -52,13 +52,20 @@ def test_synthetic_pairs_use_the_real_dataset_layout(run):
         assert rgba.shape == (*image.shape[:2], 4)
         assert (rgba[..., 3] == raw).all() and (rgba[..., :3] == image).all()
         assert (root / "backgrounds" / f"{r.id}.png").exists()
-    # D' masks come from the same pipeline: stage 01 with the pretrained model, stage 04 with m'
-    p01 = json.loads((root / "pipeline" / "01_attention_maps" / "stage.json").read_text())
-    assert p01["params"]["model"]["path"] == cfg.model.path
-    pcfg = stage_synthesis.pipeline_cfg(cfg)
-    assert stage_attention.load_frame(pcfg, "syn-00001") == stage_attention.load_map(pcfg, "syn-00001")["frame"]
-    refined = stage_refinement.load_refined(pcfg, "syn-00001")
-    assert (refined == load_mask(records[1].mask)).all()
+    # D' masks come from the same steps as the real images, in memory: M̂ with the pretrained m,
+    # the GMM, the refinement with m' (recomputed here on the same batch)
+    from fgbg_utils.data.datasets import load_image
+    from fgbg_utils.stages.common import load_pipeline
+    pipe = load_pipeline(cfg, finetuned=True)
+    ids = [r.id for r in records]
+    images = [load_image(r.image) for r in records]
+    maps = pipe.attention_maps(images, cfg.object, cfg.prompt, cfg.parts, cfg.T0, cfg.seed, ids,
+                               batch_rows=cfg.attention.batch_rows)
+    m_pre = pipe.preliminary_masks(maps, **cfg.binarization.model_dump())
+    res = stage_refinement.refine_images(cfg, pipe, images, ids, list(m_pre.masks))
+    for k, r in enumerate(records):
+        assert (res.masks_original[k] == load_mask(r.mask)).all()
+    assert not (root / "pipeline").exists()  # no sub-run folder
     assert len(list((root / "pure_backgrounds").glob("*.png"))) == 2
     with np.load(root / "guidance_sweep.npz") as z:
         assert z["images"].shape[:2] == (1, 3) and z["scales"].tolist() == [-2, 1, 3]
@@ -103,19 +110,27 @@ def test_rerun_loads_trained_networks(run):
         assert again["training"][row]["seconds"] == s06["training"][row]["seconds"]
 
 
-def test_missing_ground_truth_is_skipped_and_listed(run, tmp_path):
-    cfg, _, s06 = run
-    data = tmp_path / "data"
-    src = load_records("folder", stage_synthesis.Path(_toy_root(cfg)))
+@pytest.fixture(scope="module")
+def folder_run(run, tmp_path_factory):
+    """The toy images as a user's folder, one test and one train mask missing; stages 01-05."""
+    cfg = run[0]
+    tmp = tmp_path_factory.mktemp("folder")
+    data = tmp / "data"
+    src = load_records("folder", _toy_root(cfg))
     shutil.copytree(_toy_root(cfg), data)
     test_ids = [r.id for r in src if r.split == "test"]
     train_ids = [r.id for r in src if r.split == "train"]
     (data / "masks" / f"{test_ids[0]}.png").unlink()
     (data / "masks" / f"{train_ids[0]}.png").unlink()
-    run_dir = tmp_path / "run"
-    shutil.copytree(cfg.run_dir, run_dir)
     other = load_params(TOY, {**TINY, "dataset.kind": "folder", "dataset.root": str(data)},
-                        run_dir=str(run_dir))
+                        run_dir=str(tmp / "run"))
+    for stage in (stage_attention, stage_binarization, stage_finetune, stage_refinement, stage_synthesis):
+        stage.run(other, progress=False)
+    return other, test_ids, train_ids
+
+
+def test_missing_ground_truth_is_skipped_and_listed(folder_run):
+    other, test_ids, train_ids = folder_run
     res = stage_evaluation.run(other, force=True, progress=False, log=lambda m: None)
     assert res["test_without_ground_truth"] == [{"id": test_ids[0], "reason": "no ground-truth mask"}]
     assert res["n_test_scored"] == 1 and res["rows"]["M"]["n_images"] == 1
@@ -124,17 +139,13 @@ def test_missing_ground_truth_is_skipped_and_listed(run, tmp_path):
     assert res["training"]["unet_D_s"]["n_images"] == len(train_ids)  # unlabelled data still trains
 
 
-def test_no_ground_truth_at_all_still_trains(run, tmp_path):
-    cfg, _, _ = run
-    data = tmp_path / "data"
-    shutil.copytree(_toy_root(cfg), data, ignore=shutil.ignore_patterns("masks"))
-    run_dir = tmp_path / "run"
-    shutil.copytree(cfg.run_dir, run_dir)
-    other = load_params(TOY, {**TINY, "dataset.kind": "folder", "dataset.root": str(data)},
-                        run_dir=str(run_dir))
+def test_no_ground_truth_at_all_still_trains(folder_run):
+    other = folder_run[0].model_copy(deep=True)
+    other.dataset.ground_truth = False  # stage 06's own parameter: stages 01-05 stay valid
     res = stage_evaluation.run(other, force=True, progress=False, log=lambda m: None)
     assert res["rows"] == {} and "metrics skipped" in res["note"] and len(res["test_without_ground_truth"]) == 2
     assert res["skipped_rows"] == {"supervised": "no training image has a ground-truth mask"}
+    run_dir = Path(other.run_dir)
     assert (run_dir / "06_evaluation" / "models" / "unet_D_s_plus_synth.safetensors").exists()
 
 

@@ -113,7 +113,10 @@ def assemble(vae, unet, text_encoder, tokenizer, scheduler, path, device: str = 
     dev = pick_device(device)
     _, vae_dtype = resolve_dtypes(dtype, dev)
     for module in (unet, vae, text_encoder):
-        module.to(dev, vae_dtype).eval().requires_grad_(False)
+        module.to(dev)
+        if module.dtype != vae_dtype:
+            module.to(vae_dtype)
+        module.eval().requires_grad_(False)
     return LDM(vae, unet, text_encoder, tokenizer, scheduler, str(path))
 
 

@@ -216,9 +216,12 @@ class FgBgPipeline:
     # -- construction
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, revision: str | None = None, device: str = "auto",
-                        dtype: str = "float32", finetuned: str | Path | None = None) -> FgBgPipeline:
-        """Load m with `models.load_ldm`; `finetuned`: a stage-03 output folder holding m'."""
-        pipe = cls(models.load_ldm(str(path_or_hub_id), revision, device, dtype))
+                        dtype: str = "float32", finetuned: str | Path | None = None,
+                        config: str | None = None) -> FgBgPipeline:
+        """Load m with `models.load_ldm` (a diffusers folder, hub id, or single .safetensors/.ckpt
+        file with `config` = its local diffusers config folder); `finetuned`: a stage-03 output
+        folder holding m'."""
+        pipe = cls(models.load_ldm(str(path_or_hub_id), revision, device, dtype, config=config))
         return pipe.with_finetuned(finetuned) if finetuned is not None else pipe
 
     def with_finetuned(self, tuned: LDM | str | Path) -> FgBgPipeline:

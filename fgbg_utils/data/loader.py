@@ -9,7 +9,7 @@ import json
 from fgbg_utils.runs.params import PROJECT_ROOT
 
 
-def toy_generator_params(cfg: dict) -> dict:
+def toy_generator_params(cfg) -> dict:
     from fgbg_utils.data.toy import GENERATOR_VERSION
 
     ds = cfg.dataset
@@ -17,7 +17,7 @@ def toy_generator_params(cfg: dict) -> dict:
             "generator_version": GENERATOR_VERSION}
 
 
-def dataset_root(cfg: dict) -> Path:
+def dataset_root(cfg) -> Path:
     """The dataset folder; for the toy world it is generated (cached by its parameters)."""
     from fgbg_utils.data.datasets import write_toy_dataset
 
@@ -34,8 +34,9 @@ def dataset_root(cfg: dict) -> Path:
                              gen["background_fraction"])
 
 
-def load_dataset(cfg: dict):
-    """Records of the configured splits, with unreadable images skipped (listed) or refused."""
+def load_dataset(cfg, check: bool = True):
+    """Records of the configured splits, with unreadable images skipped (listed) or refused.
+    check=False: no decoding here (a stage that decodes each image anyway handles bad files then)."""
     from fgbg_utils.data.datasets import check_images, load_records
 
     ds = cfg.dataset
@@ -44,6 +45,8 @@ def load_dataset(cfg: dict):
     if not ds.ground_truth:
         from dataclasses import replace
         records = [replace(r, mask=None) for r in records]
+    if not check:
+        return records, []
     return check_images(records, on_corrupt=ds.on_corrupt)
 
 

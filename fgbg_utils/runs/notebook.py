@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 from fgbg_utils.runs.params import PROJECT_ROOT, SCHEMA, ParamsError, load_params
-from fgbg_utils.runs.run_folder import STAGES, StageError
+from fgbg_utils.runs.run_folder import StageError
+from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
 # What each stage reads (stage 06 reads 05 only for the U-Net on D_s ∪ D'_s row).
 NEEDS = {"01": (), "02": ("01",), "03": ("02",), "04": ("02", "03"), "05": ("03", "04"),
@@ -34,11 +35,11 @@ class NotebookError(StageError):
         self.needs_force = False
 
 
-def needs(cfg: dict | None, stage: str) -> list[str]:
+def needs(cfg, stage: str) -> list[str]:
     """The stages `stage` reads, directly or through its inputs (in order)."""
     out: set[str] = set()
     todo = list(NEEDS[stage])
-    if stage == "06" and cfg is not None and "unet_D_s_plus_synth" not in cfg["segmentation"]["rows"]:
+    if stage == "06" and cfg is not None and "unet_D_s_plus_synth" not in cfg.segmentation.rows:
         todo.remove("05")
     while todo:
         s = todo.pop()
@@ -58,9 +59,9 @@ def stage_complete(run_dir: str | Path, stage: str) -> bool:
         return False
 
 
-def missing_stages(cfg: dict, stage: str) -> list[str]:
+def missing_stages(cfg, stage: str) -> list[str]:
     """Stage names (e.g. `03_finetuning`) that `stage` needs and that are not complete in the run folder."""
-    return [STAGES[s] for s in needs(cfg, stage) if not stage_complete(cfg["run_dir"], s)]
+    return [STAGES[s] for s in needs(cfg, stage) if not stage_complete(cfg.run_dir, s)]
 
 
 def _stage_key(name: str) -> str:
@@ -82,12 +83,10 @@ def relative(path: str | Path) -> str:
         return str(path)
 
 
-def portable(cfg: dict) -> dict:
-    """A copy of resolved parameters with the paths inside the project relative to its root (what
-    `load_params` resolves back to the same paths): no machine paths in injected cells or files."""
-    import copy
-
-    out = copy.deepcopy(cfg)
+def portable(cfg) -> dict:
+    """The resolved parameters as a dict, with the paths inside the project relative to its root
+    (what `load_params` resolves back to the same paths): no machine paths in injected cells or files."""
+    out = cfg.model_dump() if hasattr(cfg, "model_dump") else dict(cfg)
     out["run_dir"] = relative(out["run_dir"])
     for section, key in (("dataset", "root"), ("model", "path")):
         value = out[section][key]
@@ -96,7 +95,7 @@ def portable(cfg: dict) -> dict:
     return out
 
 
-def notebook_parameters(cfg: dict, params_file: str | Path, force: bool = False,
+def notebook_parameters(cfg, params_file: str | Path, force: bool = False,
                         interactive: bool = False) -> dict:
     """What the CLI injects into a stage notebook: every top-level parameter (paths relative to the
     project root), the params file it came from, force and interactive."""
@@ -104,7 +103,7 @@ def notebook_parameters(cfg: dict, params_file: str | Path, force: bool = False,
             "interactive": interactive}
 
 
-def explain(error: BaseException, cfg: dict | None, stage: str | None = None) -> str:
+def explain(error: BaseException, cfg, stage: str | None = None) -> str:
     """The message for a notebook user: which notebooks to run first, or what to set in the
     parameters cell (where the CLI message says `--force`)."""
     text = str(error)
@@ -117,7 +116,7 @@ def explain(error: BaseException, cfg: dict | None, stage: str | None = None) ->
     missing = [STAGES[_stage_key(m)] for m in missing] or _named_stages(text)
     if isinstance(error, FileNotFoundError) and cfg is not None and error.filename:
         try:
-            part = Path(error.filename).resolve().relative_to(Path(cfg["run_dir"]).resolve()).parts[0]
+            part = Path(error.filename).resolve().relative_to(Path(cfg.run_dir).resolve()).parts[0]
         except (ValueError, IndexError):
             part = None
         missing = [part] if part in STAGES.values() else []
@@ -126,8 +125,13 @@ def explain(error: BaseException, cfg: dict | None, stage: str | None = None) ->
     needs_force = getattr(error, "needs_force", None)
     if needs_force is None:
         needs_force = "--force" in text
-    if needs_force and not getattr(error, "missing", None):
-        run_dir = relative(cfg["run_dir"]) if cfg else "this run folder"
+    if needs_force:
+        run_dir = relative(cfg.run_dir) if cfg else "this run folder"
+        others = [m for m in missing if stage is None or _stage_key(m) != stage]
+        if others:
+            return (f"{_first_sentence(text)}\nRerun notebook{'s' if len(others) > 1 else ''} "
+                    f"{', '.join(others)} first with force = True in the parameters cell, or set "
+                    f"run_dir to another folder than {run_dir}.")
         return (f"{_first_sentence(text)}\nSet force = True in the parameters cell to recompute "
                 f"them, or set run_dir to another folder than {run_dir}.")
     if not missing:
@@ -137,13 +141,13 @@ def explain(error: BaseException, cfg: dict | None, stage: str | None = None) ->
         for k in list(keys) + ([stage] if stage else []):
             keys.update(needs(cfg, k))
         keys.discard(stage)
-        missing = [STAGES[k] for k in sorted(keys) if not stage_complete(cfg["run_dir"], k)] or missing
+        missing = [STAGES[k] for k in sorted(keys) if not stage_complete(cfg.run_dir, k)] or missing
     return run_first(missing, cfg)
 
 
-def run_first(missing: list[str], cfg: dict | None) -> str:
+def run_first(missing: list[str], cfg) -> str:
     """`run notebooks 03_finetuning, 04_refinement first` with the shell equivalent."""
-    where = relative(cfg["run_dir"]) if cfg else "the run folder"
+    where = relative(cfg.run_dir) if cfg else "the run folder"
     stages = ",".join(m[:2] for m in missing)
     return (f"the outputs of {', '.join(missing)} are missing or incomplete in {where}.\n"
             f"Run notebook{'s' if len(missing) > 1 else ''} {', '.join(missing)} first, with the "
@@ -152,7 +156,10 @@ def run_first(missing: list[str], cfg: dict | None) -> str:
 
 
 def _first_sentence(text: str) -> str:
-    return text.split(" Rerun with --force")[0]
+    """The refusal without its CLI hint."""
+    for marker in (" Rerun with --force", " To recompute them:", " Rerun first:"):
+        text = text.split(marker)[0]
+    return text
 
 
 class DropMessages(logging.Filter):
@@ -188,7 +195,7 @@ def quiet_libraries() -> None:
     dlog.disable_progress_bar()
 
 
-def _install_handler(cfg: dict | None, stage: str | None) -> None:
+def _install_handler(cfg, stage: str | None) -> None:
     """In IPython: show `explain`'s message instead of a traceback for the errors it knows."""
     try:
         from IPython import get_ipython
@@ -216,7 +223,7 @@ def namespace_overrides(namespace: dict) -> dict:
     '{n_train: 8}'`: papermill passes it as a string) is read as YAML."""
     import yaml
 
-    base = load_params(None)
+    base = load_params(None).model_dump()
     out = {}
     for key in SCHEMA:
         if key not in namespace or key == "run_dir":
@@ -232,7 +239,7 @@ def namespace_overrides(namespace: dict) -> dict:
     return out
 
 
-def notebook_config(namespace: dict, stage: str | None = None, quiet: bool = True) -> dict:
+def notebook_config(namespace: dict, stage: str | None = None, quiet: bool = True):
     """The validated parameters of a stage notebook (see the module doc), with its setup done:
     library messages quietened, figures small, clear messages for missing inputs. `stage`
     ("01".."06") also checks that the stages it reads are complete, before any work."""

@@ -328,6 +328,7 @@ def load_params(path: str | Path | None = None, overrides=(), run_dir: str | Non
     return cfg
 
 
-def save_params(cfg: Config, path: str | Path) -> None:
+def save_params(cfg: Config | dict, path: str | Path) -> None:
     from fgbg_utils.io import atomic_write_text
-    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    data = cfg.model_dump() if isinstance(cfg, BaseModel) else cfg
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -90,12 +90,11 @@ class Expected:
         return fingerprint(self.code)
 
 
-def expected(cfg, number: str, inputs: tuple[str, ...] | None = None, extra: dict | None = None) -> Expected:
+def expected(cfg, number: str, inputs: tuple[str, ...] | None = None) -> Expected:
+    """What a stage's stage.json must hold for outputs made from this config and code."""
     from fgbg_utils.data.loader import dataset_identity
 
     params = stage_params(cfg, number, inputs)
-    if extra:
-        params["derived"] = _portable(extra)
     code = {}
     for n in _chain(number, inputs):
         code.update(code_version(n))
@@ -133,14 +132,14 @@ def rerun_hint(cfg, numbers: list[str], force: bool = False) -> str:
 
 
 def open_stage(cfg, stage: str, force: bool = False, inputs: tuple[str, ...] | None = None,
-               extra: dict | None = None, log=print) -> tuple[Path, bool]:
+               log=print) -> tuple[Path, bool]:
     """Create or check DIR/<stage>/stage.json; returns (the stage folder, recompute) where
     recompute is True when finished outputs must not be reused (forced, or made by other code)."""
     st = get_stage(stage)
     check_inputs(cfg, st.inputs if inputs is None else inputs, f"stage {st.number} ({st.module})")
     d = stage_dir(cfg, st.number)
     info_path = d / "stage.json"
-    exp = expected(cfg, st.number, inputs, extra)
+    exp = expected(cfg, st.number, inputs)
     recompute = force
     if info_path.exists() and not force:
         old = read_json(info_path)

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fgbg_utils.io import atomic_write_json, read_json
+from fgbg_utils.runs.run_folder import run_lock
 from fgbg_utils.runs.notebook import notebook_parameters, portable, relative
 from fgbg_utils.runs.params import PROJECT_ROOT, ParamsError, load_params, save_params
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
@@ -55,7 +56,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def preflight(cfg: dict, stages=()) -> None:
+def preflight(cfg, stages=()) -> None:
     """Cheap checks before any notebook runs: dataset present, object word known to the model, an
     evaluation split with images when stage 06 is to run."""
     from fgbg_utils.data.loader import load_dataset
@@ -63,17 +64,19 @@ def preflight(cfg: dict, stages=()) -> None:
     from fgbg_utils.runs.params import resolved_prompt
     from fgbg_utils.core.tokens import prompt_positions
 
-    records, _ = load_dataset(cfg)  # also generates the toy world
+    records, _ = load_dataset(cfg, check=False)  # lists files (stage 01 decodes them); makes the toy world
     try:
-        tok = load_tokenizer(cfg["model"]["path"], cfg["model"]["revision"])
+        from fgbg_utils.core.single_file import is_single_file
+        source = cfg.model.config if is_single_file(cfg.model.path) and cfg.model.config else cfg.model.path
+        tok = load_tokenizer(source, cfg.model.revision)
     except (OSError, ValueError) as e:
-        raise ModelError(f"`model.path`={cfg['model']['path']!r}: no tokenizer could be loaded "
+        raise ModelError(f"`model.path`={cfg.model.path!r}: no tokenizer could be loaded "
                          f"({str(e).splitlines()[0]}). Use a diffusers folder or hub id.") from None
-    prompt_positions(tok, resolved_prompt(cfg), [cfg["object"], *cfg["parts"]])
-    split = cfg["evaluation"]["split"]
+    prompt_positions(tok, resolved_prompt(cfg), [cfg.object, *cfg.parts])
+    split = cfg.evaluation.split
     if "06" in stages and not any(r.split == split for r in records):
         raise ParamsError(f"stage 06 evaluates on `evaluation.split`={split!r}, which has no images "
-                          f"(dataset.splits={cfg['dataset']['splits']}). Add it to dataset.splits, "
+                          f"(dataset.splits={cfg.dataset.splits}). Add it to dataset.splits, "
                           f"give the dataset {split} images, or run --stages without 06.")
 
 
@@ -92,37 +95,38 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
     order = parse_stages(stages)
     if any(s != "00" for s in order):
         preflight(cfg, order)
-    run_dir = Path(cfg["run_dir"])
+    run_dir = Path(cfg.run_dir)
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     save_params(portable(cfg), run_dir / "params.yaml")
-    manifest_path = run_dir / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
-    manifest.update({
-        "params_file": relative(params_file), "overrides": list(sets), "params": portable(cfg),
-        "seeds": {"seed": cfg["seed"], "dataset.seed": cfg["dataset"]["seed"],
-                  "binarization.gmm_seed": cfg["binarization"]["gmm_seed"]},
-        "versions": package_versions(), "git": git_state(), "force": force, "started": _now()})
-    atomic_write_json(manifest_path, manifest)
-    for key in order:
-        name = STAGES[key]
-        log(f"[fgbg] stage {name} ...")
-        t0 = time.time()
-        manifest["stages"][name] = {"status": "running", "started": _now()}
+    with run_lock(run_dir):  # kernels inherit the lock token: their stages re-enter it
+        manifest_path = run_dir / "manifest.json"
+        manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
+        manifest.update({
+            "params_file": relative(params_file), "overrides": list(sets), "params": portable(cfg),
+            "seeds": {"seed": cfg.seed, "dataset.seed": cfg.dataset.seed,
+                      "binarization.gmm_seed": cfg.binarization.gmm_seed},
+            "versions": package_versions(), "git": git_state(), "force": force, "started": _now()})
         atomic_write_json(manifest_path, manifest)
-        try:
-            pm.execute_notebook(
-                str(NOTEBOOKS / f"{name}.ipynb"), str(run_dir / "notebooks" / f"{name}.ipynb"),
-                parameters=notebook_parameters(cfg, params_file, force=force) if key != "00" else {},
-                cwd=str(NOTEBOOKS), progress_bar=False, request_save_on_cell_execute=True)
-        except Exception:
-            manifest["stages"][name].update(status="failed", seconds=round(time.time() - t0, 1))
+        for key in order:
+            name = STAGES[key]
+            log(f"[fgbg] stage {name} ...")
+            t0 = time.time()
+            manifest["stages"][name] = {"status": "running", "started": _now()}
             atomic_write_json(manifest_path, manifest)
-            log(f"[fgbg] stage {name} failed; see {run_dir / 'notebooks' / (name + '.ipynb')}")
-            raise
-        manifest["stages"][name].update(status="done", seconds=round(time.time() - t0, 1))
-        manifest["finished"] = _now()
-        atomic_write_json(manifest_path, manifest)
-        log(f"[fgbg] stage {name} done in {time.time() - t0:.0f} s")
+            try:
+                pm.execute_notebook(
+                    str(NOTEBOOKS / f"{name}.ipynb"), str(run_dir / "notebooks" / f"{name}.ipynb"),
+                    parameters=notebook_parameters(cfg, params_file, force=force) if key != "00" else {},
+                    cwd=str(NOTEBOOKS), progress_bar=False, request_save_on_cell_execute=True)
+            except Exception:
+                manifest["stages"][name].update(status="failed", seconds=round(time.time() - t0, 1))
+                atomic_write_json(manifest_path, manifest)
+                log(f"[fgbg] stage {name} failed; see {run_dir / 'notebooks' / (name + '.ipynb')}")
+                raise
+            manifest["stages"][name].update(status="done", seconds=round(time.time() - t0, 1))
+            manifest["finished"] = _now()
+            atomic_write_json(manifest_path, manifest)
+            log(f"[fgbg] stage {name} done in {time.time() - t0:.0f} s")
     return run_dir
 
 

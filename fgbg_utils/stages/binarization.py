@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from fgbg_utils.core import metrics as M
 from fgbg_utils.core.binarize import binarize
-from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.stages.common import processed_records
 from fgbg_utils.data.datasets import load_mask
 from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.io import atomic_save_png, atomic_write_json, read_json
@@ -19,11 +19,11 @@ from fgbg_utils.stages.attention_maps import STAGE as STAGE01, load_map
 STAGE = "02_binarization"
 
 
-def mask_path(cfg: dict, image_id: str) -> Path:
+def mask_path(cfg, image_id: str) -> Path:
     return Path(cfg.run_dir) / STAGE / "masks" / f"{image_id}.png"
 
 
-def load_mpre(cfg: dict, image_id: str) -> np.ndarray:
+def load_mpre(cfg, image_id: str) -> np.ndarray:
     """M_pre on the latent grid of the canonical frame (bool)."""
     from PIL import Image
     return np.asarray(Image.open(mask_path(cfg, image_id))) > 127
@@ -52,15 +52,15 @@ def run(cfg, force: bool = False, progress: bool = True) -> dict:
     return result
 
 
-def _ground_truth(cfg: dict, summary01: dict):
+def _ground_truth(cfg, summary01: dict):
     """(record, gt mask) for the images of stage 01 that have ground truth, by split."""
-    records, _ = load_dataset(cfg)
+    records = processed_records(cfg)
     wanted = set(summary01["images"])
     return [(r, load_mask(r.mask, image=r.image)) for r in records
             if r.id in wanted and r.mask is not None]
 
 
-def evaluate(cfg: dict, summary01: dict, gmm: dict) -> dict:
+def evaluate(cfg, summary01: dict, gmm: dict) -> dict:
     """Pooled ACC / IoU / mIoU, per-image IoU and Dice, AUC-ROC of M̂, baselines and the T0 sweep."""
     pairs = _ground_truth(cfg, summary01)
     split = cfg.evaluation.split
@@ -81,7 +81,7 @@ def evaluate(cfg: dict, summary01: dict, gmm: dict) -> dict:
     return out
 
 
-def _score(pairs, cfg: dict, summary01: dict) -> dict:
+def _score(pairs, cfg, summary01: dict) -> dict:
     mpre, allfg, disc = M.SegmentationMeter(), M.SegmentationMeter(), M.SegmentationMeter()
     auc = M.BinnedAUC(cfg.evaluation.auc_bins)
     sweep = None

@@ -9,6 +9,7 @@ import numpy as np
 
 from fgbg_utils.core import metrics as M
 from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.stages.common import processed_records
 from fgbg_utils.data.datasets import load_ground_truth, load_image
 from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.data.lazy import LazySequence
@@ -33,8 +34,9 @@ def seg_config(cfg) -> SegConfig:
                      log_every=max(1, s.steps // 4))
 
 
-def _splits(cfg: dict):
-    records, _ = load_dataset(cfg)
+def _splits(cfg, records=None):
+    """(train, test) records; the evaluation split must have images."""
+    records = processed_records(cfg) if records is None else records
     split = cfg.evaluation.split
     test = [r for r in records if r.split == split]
     train = [r for r in records if r.split == "train"]
@@ -52,8 +54,9 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     """Train the requested U-Nets (a finished one is loaded, not retrained) and score all rows."""
     rows = list(cfg.segmentation.rows)
     inputs = ("02", "04", "05") if "unet_D_s_plus_synth" in rows else ("02", "04")
-    train, test = _splits(cfg)
+    _splits(cfg, load_dataset(cfg, check=False)[0])  # an empty split is refused before any work
     out, force = open_stage(cfg, "06", force, inputs=inputs)
+    train, test = _splits(cfg)
     if force:
         import shutil
         for sub in ("models", "predictions"):
@@ -97,7 +100,7 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
 
 
 # ----------------------------------------------------------------------------- masks of the run
-def _frames(cfg: dict, ids) -> dict:
+def _frames(cfg, ids) -> dict:
     from fgbg_utils.stages.attention_maps import load_frame
     return {i: load_frame(cfg, i) for i in ids}
 
@@ -165,7 +168,7 @@ def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
 class _Scorer:
     """Per-row SegmentationMeters under the configured protocol (full image or centre crop)."""
 
-    def __init__(self, cfg: dict, gt: dict, image_of):
+    def __init__(self, cfg, gt: dict, image_of):
         self.cfg, self.gt, self.image_of = cfg, gt, image_of
         self.crop = cfg.segmentation.protocol == "center_crop"
         self.size = cfg.segmentation.size
@@ -217,7 +220,7 @@ def ordering(rows: dict) -> dict:
     return out
 
 
-def object_free_check(cfg: dict, detector, image_of, gt_test: dict) -> dict:
+def object_free_check(cfg, detector, image_of, gt_test: dict) -> dict:
     """Is the object absent from background samples? The supervised U-Net (trained on ground truth,
     an independent detector) predicts each sample's foreground area; a sample counts as
     object-free when that area is below segmentation.detector_area. Real test images give its

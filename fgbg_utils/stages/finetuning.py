@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fgbg_utils.core import models
-from fgbg_utils.data.loader import load_dataset
+from fgbg_utils.stages.common import processed_records
 from fgbg_utils.data.datasets import load_image
 from fgbg_utils.training.config import FinetuneSettings
 from fgbg_utils.training.finetune import FinetuneConfig, train
@@ -32,9 +32,9 @@ def finetune_config(cfg) -> FinetuneConfig:
                           prompt_background=cfg.background_prompt)
 
 
-def training_items(cfg: dict, ldm) -> list:
+def training_items(cfg, ldm) -> list:
     """(canvas, M_pre, valid latent grid) for every training image."""
-    records, _ = load_dataset(cfg)
+    records = processed_records(cfg)
     items = []
     for r in records:
         if r.split != "train":
@@ -71,7 +71,7 @@ def run(cfg, force: bool = False, progress: bool = True) -> dict:
     return result
 
 
-def evaluate_samples(cfg: dict, base, items, out: Path) -> dict:
+def evaluate_samples(cfg, base, items, out: Path) -> dict:
     """y_f and y_b samples of m and m' (same seeds), and the share of y_b samples with no object.
 
     Object presence is label-free: the peak of the pretrained model's raw attention to the object

@@ -1,8 +1,8 @@
 """Stage 05: synthetic image/mask pairs D'_s from the fine-tuned model m' (METHOD §2.5).
 
 1. Sample D' with concept guidance ε̂ = ε(y_b) + s·(ε(y_f) − ε(y_b)) (`synthesis.sample_guided`).
-2. Repeat the pipeline on D': stage 01 with the *pretrained* m, stage 02, stage 04 with m'. It runs
-   in the sub-run folder `DIR/05_synthesis/pipeline/` with the same code as the real images.
+2. Repeat the pipeline on D', in memory: attention maps with the *pretrained* m, the GMM, and the
+   refinement with m' (`FgBgPipeline`, the same code and settings as stages 01, 02 and 04).
 3. Export D'_s in the folder-dataset layout of real data (`dataset/images/<id>.png`,
    `dataset/masks/<id>.png`, `dataset/split.csv`), plus D'_f (RGBA cut-outs, `foregrounds/`) and
    D'_b (the object-removed inpaintings, `backgrounds/`).
@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fgbg_utils.core import models, seeds
-from fgbg_utils.io import (atomic_save_npz, atomic_save_png, atomic_write_json, atomic_write_text, read_json)
+from fgbg_utils.core import seeds
+from fgbg_utils.io import atomic_save_npz, atomic_save_png, atomic_write_json, atomic_write_text
 from fgbg_utils.runs.params import resolved_prompt
-from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, open_stage, update_stage
+from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, update_stage
+from fgbg_utils.stages.common import Shards, groups, load_pipeline, open_sharded
 
 STAGE = "05_synthesis"
-STAGE02, STAGE03, STAGE04 = "02_binarization", "03_finetuning", "04_refinement"
 
 
-def stage_root(cfg: dict) -> Path:
+def stage_root(cfg) -> Path:
     return Path(cfg.run_dir) / STAGE
 
 
@@ -32,13 +32,13 @@ def synthetic_ids(n: int) -> list[str]:
     return [f"syn-{i:05d}" for i in range(n)]
 
 
-def n_images(cfg: dict) -> int:
+def n_images(cfg) -> int:
     """synthesis.n_images, or the size of the training split when it is null [METHOD §2.5, I]."""
     n = cfg.synthesis.n_images
     if n is not None:
         return n
     from fgbg_utils.data.loader import load_dataset
-    return sum(r.split == "train" for r in load_dataset(cfg)[0])
+    return sum(r.split == "train" for r in load_dataset(cfg, check=False)[0])
 
 
 def bytes_per_image(resolution: int, latent: int) -> int:
@@ -48,7 +48,7 @@ def bytes_per_image(resolution: int, latent: int) -> int:
     return r2 * (3 + 3 + 4 + 5) + latent * latent * 4 * 4
 
 
-def check_disk_budget(cfg: dict, n: int, resolution: int, latent: int) -> dict:
+def check_disk_budget(cfg, n: int, resolution: int, latent: int) -> dict:
     """Refuse up front when n synthetic images would exceed synthesis.disk_budget_gb or the free
     space of the run folder's disk."""
     need = n * bytes_per_image(resolution, latent) + cfg.synthesis.background_images * resolution ** 2 * 3
@@ -69,65 +69,59 @@ def check_disk_budget(cfg: dict, n: int, resolution: int, latent: int) -> dict:
     return {"estimated_bytes": need, "budget_bytes": budget, "free_bytes": free}
 
 
-def pipeline_cfg(cfg: dict) -> dict:
-    """The parameters of the pipeline rerun on D': same method settings, D' as an unlabelled
-    folder dataset (train split only), outputs in DIR/05_synthesis/pipeline."""
-    c = cfg.model_copy(deep=True)
-    c.run_dir = str(stage_root(cfg) / "pipeline")
-    c.dataset = c.dataset.model_copy(update=dict(kind="folder", root=str(stage_root(cfg) / "dataset"), splits=["train"],
-                        limit=None, ground_truth=False, on_corrupt="error"))
-    c.attention = c.attention.model_copy(update=dict(sweep=False, keep_per_layer=False))  # only M̂ is needed
-    return c
-
-
 @locked_stage("05")
-def run(cfg, force: bool = False, progress: bool = True) -> dict:
-    """Sample D', run stages 01/02/04 on it, export D'_s, D'_f, D'_b; backgrounds and the sweep."""
-    from fgbg_utils.training.finetune import load_finetuned
-
+def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
+    """Sample D', run the pipeline on it in memory, export D'_s, D'_f, D'_b; backgrounds and the
+    sweep. Sampling and the pipeline go in fixed batches, sharded under accelerate.
+    `pipe`: an FgBgPipeline already holding m and this run's m'."""
+    shards = Shards()
     scfg = cfg.synthesis
     n = n_images(cfg)
-    base = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype, config=cfg.model.config)
-    disk = check_disk_budget(cfg, n, base.resolution, base.latent_size)
-    root, force = open_stage(cfg, "05", force, extra={"n_images": n})
-    if force:
-        for sub in ("dataset", "pipeline", "foregrounds", "backgrounds", "pure_backgrounds"):
+    pipe = pipe or load_pipeline(cfg)  # m first: the disk budget is checked before anything is written
+    disk = check_disk_budget(cfg, n, pipe.resolution, pipe.ldm.latent_size) if shards.is_main else None
+    root, force = open_sharded(cfg, "05", force, shards)
+    if pipe.tuned is None:
+        pipe = pipe.with_finetuned(Path(cfg.run_dir) / "03_finetuning")
+    if force and shards.is_main:
+        for sub in ("dataset", "foregrounds", "backgrounds", "pure_backgrounds"):
             shutil.rmtree(root / sub, ignore_errors=True)
-    tuned = load_finetuned(base, Path(cfg.run_dir) / STAGE03)
+    shards.wait()
     y_f, y_b = resolved_prompt(cfg), cfg.background_prompt
     ids = synthetic_ids(n)
-    _sample_missing(cfg, tuned, root / "dataset" / "images", ids, y_f, y_b, scfg.guidance,
-                    "05-synthesis", progress, "05 D'")
-    _write_split(root / "dataset", ids)
+    _sample_missing(cfg, pipe.tuned, root / "dataset" / "images", ids, y_f, y_b, scfg.guidance,
+                    "05-synthesis", progress, "05 D'", shards)
     bg_ids = [f"bg-{i:05d}" for i in range(scfg.background_images)]
-    _sample_missing(cfg, tuned, root / "pure_backgrounds", bg_ids, y_f, y_b,
-                    scfg.background_guidance, "05-background", progress, "05 backgrounds")
+    _sample_missing(cfg, pipe.tuned, root / "pure_backgrounds", bg_ids, y_f, y_b,
+                    scfg.background_guidance, "05-background", progress, "05 backgrounds", shards)
+    shards.wait()
+    degenerate = _masks_of_synthetic(cfg, pipe, ids, progress, shards)
+    shards.wait()
+    if not shards.is_main:
+        return {}
+    _write_split(root / "dataset", ids)
     sweep_path = root / "guidance_sweep.npz"
     if not sweep_path.exists():
-        _write_sweep(cfg, tuned, sweep_path, y_f, y_b)
-    summary = {}
-    if ids:
-        summary = _run_pipeline(cfg, progress, base, tuned)
-        _export(cfg, ids, progress)
+        _write_sweep(cfg, pipe.tuned, sweep_path, y_f, y_b)
     result = {"n_images": n, "guidance": scfg.guidance, "steps": scfg.steps,
               "n_pure_backgrounds": len(bg_ids), "background_guidance": scfg.background_guidance,
-              "seed": cfg.seed, "disk": disk, **summary}
+              "seed": cfg.seed, "disk": disk, "degenerate_m_pre": degenerate}
     atomic_write_json(metrics_path(cfg, "05"), result)
     update_stage(cfg, "05", complete=True)
     return result
 
 
-def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progress, desc) -> None:
+def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progress, desc,
+                    shards) -> None:
     """Sample the images of `ids` not yet in `folder` (one PNG each, written atomically). Batches
     are fixed slices of `ids`, and a batch with any missing image is sampled whole, so a resumed
-    run computes every image in the same batch as the first run: the same images, bit for bit."""
+    or sharded run computes every image in the same batch as the first run: the same bits."""
     from tqdm.auto import tqdm
 
     from fgbg_utils.core.synthesis import sample_guided
 
     bs = cfg.synthesis.batch_size
-    chunks = [ids[k:k + bs] for k in range(0, len(ids), bs)]
-    chunks = [c for c in chunks if any(not (folder / f"{i}.png").exists() for i in c)]
+    chunks = [c for c in groups(ids, bs) if any(not (folder / f"{i}.png").exists() for i in c)]
+    chunks = shards.mine(chunks)
     bar = tqdm(total=sum(map(len, chunks)), desc=desc, unit="img", disable=not progress or not chunks)
     for chunk in chunks:
         images, _ = sample_guided(ldm, y_f, y_b, s, [seeds.derive_seed(cfg.seed, stream, i) for i in chunk],
@@ -137,6 +131,38 @@ def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progr
                 atomic_save_png(folder / f"{i}.png", (img * 255).round().astype(np.uint8))
         bar.update(len(chunk))
     bar.close()
+
+
+def _masks_of_synthetic(cfg, pipe, ids, progress, shards) -> list[str]:
+    """D'_m by the same steps as the real images (M̂ with m, the GMM, refinement with m'), in
+    memory, in fixed groups of `refinement.batch_size`; exports D'_m, D'_f and D'_b per image."""
+    from tqdm.auto import tqdm
+
+    from fgbg_utils.data.datasets import load_image
+    from fgbg_utils.stages.refinement import refine_images
+
+    root = stage_root(cfg)
+    todo = [g for g in groups(ids, cfg.refinement.batch_size)
+            if any(not (root / "backgrounds" / f"{i}.png").exists() for i in g)]
+    degenerate = []
+    mine = shards.mine(todo)
+    for group in tqdm(mine, desc="05 D'_m", unit="batch", disable=not progress or not mine):
+        images = [load_image(root / "dataset" / "images" / f"{i}.png") for i in group]
+        maps = pipe.attention_maps(images, cfg.object, cfg.prompt, cfg.parts, cfg.T0, cfg.seed, group,
+                                   cfg.attention.grid_steps, cfg.attention.latent,
+                                   cfg.attention.batch_rows)
+        m_pre = pipe.preliminary_masks(maps, cfg.binarization.gmm_seed, cfg.binarization.orphan_filter)
+        degenerate += [i for i, d in zip(group, m_pre.degenerate) if d]
+        res = refine_images(cfg, pipe, images, group, list(m_pre.masks))
+        for k, i in enumerate(group):
+            mask = res.masks_original[k]
+            rgba = np.concatenate([images[k], (mask * 255).astype(np.uint8)[..., None]], axis=2)
+            background = (res.backgrounds[k] * 255).round().astype(np.uint8)
+            background = background[:images[k].shape[0], :images[k].shape[1]]
+            atomic_save_png(root / "dataset" / "masks" / f"{i}.png", mask)
+            atomic_save_png(root / "foregrounds" / f"{i}.png", rgba)
+            atomic_save_png(root / "backgrounds" / f"{i}.png", background)  # last: marks the id done
+    return degenerate
 
 
 def _write_split(root: Path, ids) -> None:
@@ -155,53 +181,7 @@ def _write_sweep(cfg, ldm, path: Path, y_f, y_b) -> None:
     atomic_save_npz(path, images=images, scales=np.asarray(scales, np.float32))
 
 
-def _run_pipeline(cfg: dict, progress: bool, base, tuned) -> dict:
-    """Stages 01, 02, 04 on D' with the models already loaded (each stage resumes by itself; a
-    finished one is not rerun)."""
-    from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization, refinement as stage_refinement
-
-    pcfg = pipeline_cfg(cfg)
-    if not _complete(pcfg, stage_attention.STAGE):
-        stage_attention.run(pcfg, progress=progress, ldm=base)
-    if not _complete(pcfg, stage_binarization.STAGE):
-        stage_binarization.run(pcfg, progress=progress)
-    if not _complete(pcfg, STAGE04):
-        stage_refinement.run(pcfg, progress=progress, finetune_run=cfg.run_dir,
-                             models_loaded=(base, tuned))
-    gmm = read_json(Path(pcfg["run_dir"]) / STAGE02 / "gmm.json")
-    return {"degenerate_m_pre": sorted(k for k, v in gmm.items() if v.get("degenerate"))}
-
-
-def _complete(cfg: dict, stage: str) -> bool:
-    path = Path(cfg.run_dir) / stage / "stage.json"
-    return path.exists() and bool(read_json(path).get("complete"))
-
-
-def _export(cfg: dict, ids, progress: bool) -> None:
-    """D'_m = M' in the real layout (masks/<id>.png, image size), D'_f = RGBA cut-outs, D'_b."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from fgbg_utils.stages.attention_maps import load_frame
-    from fgbg_utils.core.frame import canvas_to_original
-    from fgbg_utils.stages.refinement import load_refined, out_path
-
-    pcfg = pipeline_cfg(cfg)
-    root = stage_root(cfg)
-    for i in tqdm(ids, desc="05 export", unit="img", disable=not progress):
-        if (root / "backgrounds" / f"{i}.png").exists():
-            continue
-        image = np.asarray(Image.open(root / "dataset" / "images" / f"{i}.png").convert("RGB"))
-        frame = load_frame(pcfg, i)
-        mask = canvas_to_original(load_refined(pcfg, i), frame, "mask")
-        rgba = np.concatenate([image, (mask * 255).astype(np.uint8)[..., None]], axis=2)
-        background = np.asarray(Image.open(out_path(pcfg, "background", i)).convert("RGB"))
-        atomic_save_png(root / "dataset" / "masks" / f"{i}.png", mask)
-        atomic_save_png(root / "foregrounds" / f"{i}.png", rgba)
-        atomic_save_png(root / "backgrounds" / f"{i}.png", background)  # last: marks the id done
-
-
-def load_pairs(cfg: dict):
+def load_pairs(cfg):
     """D'_s as (images, bool masks) at image size, read back through the folder-dataset loader;
     lazy sequences (each item is read when accessed)."""
     from fgbg_utils.data.datasets import load_image, load_mask, load_records
