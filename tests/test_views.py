@@ -10,7 +10,6 @@ import pytest  # noqa: E402
 
 from fgbg_utils import load_params  # noqa: E402
 from fgbg_utils.runs.params import PROJECT_ROOT  # noqa: E402
-from fgbg_utils.runs.run_folder import StageError  # noqa: E402
 from fgbg_utils.views import evaluation_views, explorers, finetune_views, gallery  # noqa: E402
 from fgbg_utils.views import walkthrough as wt  # noqa: E402
 
@@ -147,8 +146,6 @@ def test_run_folder_explorers(run):
     plt.close("all")
 
 
-# Stage 05 refuses its inputs at this commit (the stage rewrite is in progress); passes once fixed.
-@pytest.mark.xfail(raises=StageError, strict=False, reason="stage 05 before the stage rewrite")
 def test_synthetic_pairs_and_table2(run56):
     run = run56
     assert len(evaluation_views.synthetic_ids(run)) == 3
