@@ -119,7 +119,7 @@ def table2_figure(cfg):
     ax.invert_yaxis()
     ax.set_xlim(0, 105), ax.set_xlabel("foreground IoU (%)")
     ax.set_title("Table 2: this run beside the paper's CUB numbers", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
