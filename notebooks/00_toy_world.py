@@ -39,15 +39,16 @@
 # the same from a shell). With `train = False` the notebook shows the shipped model.
 
 # %% tags=["parameters"]
-# Parameters (papermill injects the CLI's values after this cell). The defaults are a cheap
-# toy run for exploring; `python -m fgbg_utils run params/toy.yaml` runs the full default.
-train = False                         # True: train a new toy model into out_dir
-out_dir = "../runs/toy-ldm-retrained" # where a retrained model goes (copy to models/toy-ldm to ship)
-model_dir = "../models/toy-ldm"       # the model to inspect
-n_images = 20000
-seed = 1000
+# With train = False the notebook shows the shipped model; True retrains it with the recipe that
+# made it (about 80 min of one CPU thread; `python -m fgbg_utils train-toy` does the same from a shell).
+train = False                          # True: train a new toy model into out_dir
+out_dir = "../runs/toy-ldm-retrained"  # where a retrained model goes (copy to models/toy-ldm to ship)
+work_dir = "../runs/toy-ldm-work"      # phase 1, phase-2 snapshots and the validation runs
+model_dir = "../models/toy-ldm"        # the model to inspect
+n_images = 20000                       # training corpus per phase
 vae_minutes = 10
-unet_minutes = 65
+phase1_minutes = 20
+phase2_minutes = 50
 threads = 1
 
 # %%
@@ -70,12 +71,41 @@ rows = [{"label": c.replace("a photo of a ", ""), "image": i, "mask": m} for i, 
 fig = plots.image_rows(rows[:4], ["image", "mask"])
 
 # %% [markdown]
+# ## The model's layout, and why
+#
+# The shipped model is Stable Diffusion's architecture made small (docs/method.md §8): a VAE with
+# factor 4 (64 px → 4×16×16 latents), a CLIP text encoder with **0 transformer layers** (so only the
+# object token carries the object: with a causal encoder the end and padding tokens carried it and
+# the object column pointed elsewhere), and a UNet with cross-attention **only in its first two down
+# blocks** (decoder-side layers had unstable sign and cancelled the others in the mean over layers).
+# The cell reads the layout from the saved model itself:
+
+# %%
+from fgbg_utils import FgBgPipeline
+from fgbg_utils.views.walkthrough import _quiet_diffusers
+with _quiet_diffusers():
+    pipe = FgBgPipeline.from_pretrained(model_dir, device="cpu")
+info = json.loads((Path(model_dir) / "training_info.json").read_text())
+ldm = pipe.ldm
+print("arch (training_info.json):", info["arch"])
+print(f"resolution {ldm.resolution} px, latents {ldm.unet.config.in_channels}×{ldm.latent_size}×{ldm.latent_size}, "
+      f"VAE factor {ldm.vae_factor}, text-encoder layers {ldm.text_encoder.config.num_hidden_layers}")
+print("cross-attention (attn2) layers:", [n for n in ldm.unet.attn_processors if "attn2" in n])
+print({k: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters"
+       for k, m in (("vae", ldm.vae), ("unet", ldm.unet), ("text_encoder", ldm.text_encoder))})
+
+# %% [markdown]
 # ## Train (optional)
+#
+# The recipe (`fgbg_utils.training.toy_recipe.train_toy_recipe`): phase 1 on generator v1 (VAE, then
+# UNet + text encoder), phase 2 on generator v2 with EMA snapshots, and the snapshot with the best
+# $M_{pre}$ IoU on a validation world (never used for reporting) is installed in `out_dir`.
 
 # %%
 if train:
-    from fgbg_utils.training.toy_training import train_toy_model
-    info = train_toy_model(out_dir, n_images, seed, vae_minutes, unet_minutes, threads=threads)
+    from fgbg_utils.training.toy_recipe import train_toy_recipe
+    info = train_toy_recipe(out_dir, work_dir, n_images=n_images, threads=threads, vae_minutes=vae_minutes,
+                            phase1_minutes=phase1_minutes, phase2_minutes=phase2_minutes)
     model_dir = out_dir
 
 # %% [markdown]
@@ -119,3 +149,19 @@ out = pipe(prompts, num_inference_steps=50, guidance_scale=3.0, output_type="np"
 fig, axes = plt.subplots(1, len(prompts), figsize=(2 * len(prompts), 2.3))
 for ax, im, p in zip(axes, out, prompts):
     ax.imshow(im); ax.set_title(p.replace("a photo of a ", ""), fontsize=8); ax.axis("off")
+
+# %% [markdown]
+# ## Where the model looks: $\hat M$ of the word *shape*
+#
+# The method's first step (notebook 01) on a few generated images: the model's cross-attention to the
+# concept word, averaged over the 40 lowest noise levels and both layers.
+
+# %%
+from fgbg_utils.views.plots import image_rows
+images, masks, captions, _ = toy.generate_arrays(4, seed=1)
+with _quiet_diffusers():
+    pipe = FgBgPipeline.from_pretrained(model_dir, device="cpu")  # the retrained model when train = True
+maps = pipe.attention_maps(images, "shape", ids=[f"toy-{k}" for k in range(len(images))])
+rows = [{"label": c.replace("a photo of a ", ""), "image": i, "mask": m, "M̂": h}
+        for i, m, c, h in zip(images, masks, captions, maps.original())]
+fig = image_rows(rows, ["image", "mask", "M̂"])

@@ -51,23 +51,80 @@ interactive = True               # widgets when a browser is attached
 # %%
 # %matplotlib inline
 from fgbg_utils.runs.notebook import notebook_config
-from fgbg_utils.views import gallery, plots
+from fgbg_utils.views import explorers, gallery, plots
+from fgbg_utils.views import walkthrough as wt
 cfg = notebook_config(globals(), stage="01")
 
 # %% [markdown]
-# ## The object token
+# ## Walkthrough: one image, in memory
 #
-# Token positions come from the model's own tokenizer (position 0 is the start token). A word that
-# splits into several tokens keeps all of them; extra words in `parts` are summed with the object's map.
+# First the step on **one** toy image made in memory (`toy.generate_arrays`), with the model of
+# `cfg.model` loaded as an `FgBgPipeline` — no run folder needed. Then the stage runs over the dataset.
+#
+# **The object token.** Token positions come from the model's own tokenizer (position 0 is the start
+# token). A word that splits into several tokens keeps all of them; extra words in `parts` are summed
+# with the object's map.
 
 # %%
 # NBVAL_CHECK_OUTPUT
 from fgbg_utils.core import models, tokens
-from fgbg_utils.runs.params import resolved_prompt
-tokenizer = models.load_tokenizer(cfg["model"]["path"], cfg["model"]["revision"])
-y_f = resolved_prompt(cfg)
-print("prompt:", y_f)
-print("token positions:", tokens.prompt_positions(tokenizer, y_f, [cfg["object"], *cfg["parts"]]))
+from fgbg_utils.core.pipeline import to_uint8
+image, gt, caption = wt.toy_example()
+pipe = wt.load_pipeline(cfg)
+ldm = pipe.ldm
+y_f = cfg.resolved_prompt
+positions = tokens.prompt_positions(ldm.tokenizer, y_f, cfg.words)
+print("the toy image's caption:", caption)
+print("prompt y_f:", y_f, "| token positions:", positions)
+
+# %% [markdown]
+# **One UNet call, one noise level.** Put the image in the canonical frame, encode it,
+# $z_0 = s\cdot\mathcal E(x)$, and noise it to level $t$:
+#
+# $$z_t = \sqrt{\bar\alpha_t}\,z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon,\qquad \varepsilon\sim\mathcal N(0, I).$$
+#
+# `capture_cross_attention` installs a `CrossAttentionCapture` processor on every `attn2` layer for
+# the duration of the call; each keeps the head-averaged softmax column of the object token,
+#
+# $$\psi_{z_t,l}[\,\cdot\,,\text{object}] = \tfrac1H\sum_h \operatorname{softmax}\!\Big(\frac{Q_{l,h} K_{l,h}^\top}{\sqrt d}\Big)[\,\cdot\,,\text{object}],$$
+#
+# repeated up to the $L\times L$ latent grid. Below: the maps of the first layers at one level (each
+# layer has its own colour range; a layer can even look *away* from the object, which the mean over
+# layers and levels averages out).
+
+# %%
+import torch
+from fgbg_utils.core.attention import AttentionStore, capture_cross_attention
+x, frames = pipe.canvases(image)                                 # canonical frame, [-1, 1]
+z0 = models.encode_images(ldm, x, "mode")                        # z_0 = s·E(x)
+t = torch.tensor([int(models.lowest_timesteps(ldm.scheduler, cfg.T0)[cfg.T0 // 2])])
+eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(cfg.seed))
+z_t = ldm.scheduler.add_noise(z0, eps, t)                        # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
+store = AttentionStore(positions[cfg.object], ldm.latent_size)
+with torch.no_grad(), capture_cross_attention(ldm.unet, store):
+    ldm.unet(z_t.to(ldm.device, ldm.unet.dtype), t.to(ldm.device),
+             encoder_hidden_states=models.encode_prompt(ldm, y_f))
+psi = store.stacked()[0]                                         # (layers, tokens, L, L)
+canvas = to_uint8(x[0])
+fig = wt.image_and_maps(canvas, {f"ψ, t = {t.item()}\n{explorers._short_layer(name)}": psi[k, 0].numpy()
+                                for k, name in enumerate(store.layers[:3])}, scaled=True)
+
+# %% [markdown]
+# **$\hat M$**: `pipe.attention_maps` does the same for the $T_0$ lowest levels (one batched call),
+# every layer and every object token, averages them and min-max normalises the result (METHOD §2.1).
+
+# %%
+maps = pipe.attention_maps(image, cfg.object, cfg.prompt, parts=cfg.parts, T0=cfg.T0, seed=cfg.seed,
+                           ids=["walkthrough"], per_timestep=True, per_layer=True, per_token=True)
+fig = wt.image_and_maps(canvas, {"M̂": maps.mhat[0]}, gt if gt.shape == canvas.shape[:2] else None)
+
+# %% [markdown]
+# **Explore it**: one labelled slider each for the noise level, the layer and the token (each moves
+# only its own panel). In JupyterLab these are widgets; headless, static figures.
+
+# %%
+views = explorers.MapViews.from_pipeline(maps, canvas)
+figs = explorers.attention_explorer(lambda _: views, ["walkthrough"], interactive)
 
 # %% [markdown]
 # ## The noise levels
@@ -77,20 +134,19 @@ print("token positions:", tokens.prompt_positions(tokenizer, y_f, [cfg["object"]
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from fgbg_utils.stages.attention_maps import run as run_stage01
-grid = models.noise_grid(models.load_scheduler(cfg["model"]["path"], cfg["model"]["revision"]),
-                         cfg["attention"]["grid_steps"])
-print("T0 =", cfg["T0"], "lowest levels:", sorted(grid.tolist())[:cfg["T0"]])
+grid = models.noise_grid(ldm.scheduler, cfg.attention.grid_steps)
+print("T0 =", cfg.T0, "lowest levels:", sorted(grid.tolist())[:cfg.T0])
 
 # %% [markdown]
-# ## Run stage 01
+# ## Run stage 01 over the dataset
 #
 # Finished images are skipped on a rerun (`force=True` recomputes). Maps go to
 # `RUN/01_attention_maps/maps/<id>.npz`: $\hat M$ (normalised and raw) plus, for exploration, the
 # per-noise-level, per-layer and per-token maps.
 
 # %%
-# NBVAL_IGNORE_OUTPUT
+# NBVAL_SKIP
+from fgbg_utils.stages.attention_maps import run as run_stage01
 summary = run_stage01(cfg, force=force)
 print(f"{summary['n_images']} images, {summary['n_computed']} computed now; "
       f"{len(summary['layers'])} cross-attention layers; skipped inputs: {summary['skipped_images']}")
@@ -99,17 +155,17 @@ print(f"{summary['n_images']} images, {summary['n_computed']} computed now; "
 # ## Image, ground truth and $\hat M$
 
 # %%
+# NBVAL_SKIP
 records = gallery.records_by_id(cfg)
-ids = gallery.pick_ids(cfg, cfg["evaluation"]["figure_images"])
+ids = gallery.pick_ids(cfg, cfg.evaluation.figure_images)
 rows = [gallery.attention_row(cfg, i, records) for i in ids]
 fig = plots.image_rows(rows, ["image", "ground truth", "M̂"])
 
 # %% [markdown]
-# ## Looking inside: noise levels, layers, tokens
+# ## Explore the dataset: noise levels, layers, tokens
 #
-# In JupyterLab the explorer below has a dropdown for the image and a slider over noise levels,
-# layers or tokens. Headless (papermill, CI) it draws the same views as static figures.
+# The same explorer over the run folder's maps, with a dropdown for the image.
 
 # %%
-from fgbg_utils.views.widgets import attention_explorer
-figs = attention_explorer(cfg, ids, interactive)
+# NBVAL_SKIP
+figs = explorers.attention_explorer(lambda i: explorers.MapViews.from_run(cfg, i, records), ids, interactive)

@@ -38,13 +38,81 @@ interactive = True               # widgets when a browser is attached
 
 # %%
 # %matplotlib inline
-from fgbg_utils.runs.notebook import notebook_config
-from fgbg_utils.views import gallery, plots
-cfg = notebook_config(globals(), stage="04")
-from fgbg_utils.stages import refinement as stage_refinement
+from fgbg_utils.runs.notebook import NotebookError, notebook_config
+from fgbg_utils.views import explorers, gallery, plots
+from fgbg_utils.views import walkthrough as wt
+try:
+    cfg = notebook_config(globals(), stage="04")
+except NotebookError as missing:  # the one-image walkthrough below needs no run folder
+    cfg = notebook_config(globals())
+    print(f"{missing}\nThe walkthrough runs now; the dataset cells below need those stages.")
+
+# %% [markdown]
+# ## Walkthrough: one image, in memory
+#
+# The fixed toy image and its $M_{pre}$, and the fine-tuned $m'$ of this run folder
+# (`RUN/03_finetuning`). Without it (a fresh clone), the walkthrough says so and skips.
 
 # %%
-# NBVAL_IGNORE_OUTPUT
+from fgbg_utils.core.pipeline import to_uint8
+from fgbg_utils.runs.notebook import relative
+image, gt, caption = wt.toy_example()
+tuned_dir = wt.finetuned_folder(cfg)
+ready = tuned_dir is not None
+if ready:
+    pipe = wt.load_pipeline(cfg, tuned_dir)
+    maps = pipe.attention_maps(image, cfg.object, cfg.prompt, parts=cfg.parts, T0=cfg.T0, seed=cfg.seed,
+                               ids=["walkthrough"])
+    m_pre = pipe.preliminary_masks(maps).masks[0]
+    x, frames = pipe.canvases(image)
+else:
+    print(f"no fine-tuned model m' in {relative(cfg.run_dir)}/03_finetuning: run notebook 03 first to see the "
+          f"object painted away; the walkthrough cells are skipped.")
+
+# %% [markdown]
+# **The object painted away.** DDIM from noise with $y_b$; after every step the known region is put
+# back, $z \leftarrow z_0^{(t)}\odot(1-M_{pre}) + z\odot M_{pre}$ ($z_0^{(t)}$: $z_0$ noised to the
+# current level), so only $M_{pre}$ is repainted. The decoded latents after a few steps, then $\hat x$:
+
+# %%
+if ready:
+    x_hat, trace = wt.inpaint_trace(pipe.tuned, x[0], m_pre, cfg.background_prompt, seed=cfg.seed,
+                                    steps=cfg.refinement.steps)
+    fig = wt.strip_figure([to_uint8(x[0]), *trace.values(), x_hat],
+                          ["x", *[f"after step {k}" for k in trace], "x̂"])
+
+# %% [markdown]
+# **The difference map** against the VAE round trip of $x$ (so reconstruction error does not count),
+# $d = \frac13\sum_{c}|x_c - \hat x_c|$, and its GMM midpoint, as in notebook 02:
+
+# %%
+if ready:
+    from fgbg_utils.core.binarize import binarize
+    from fgbg_utils.core.inpaint import vae_roundtrip
+    from fgbg_utils.core.refine import difference_map, refine_mask, upsample_mask
+    valid = frames[0].valid(1)
+    d = difference_map(vae_roundtrip(pipe.ldm, x)[0], x_hat) * valid   # d = mean_RGB |x − x̂|
+    g, info = binarize(d, valid, cfg.refinement.gmm_seed, cfg.refinement.orphan_filter)
+    fig = wt.gmm_figure(d[valid], info["threshold"], cfg.refinement.gmm_seed, title="d and its GMM")
+
+# %% [markdown]
+# **The AND** (Eq. 5): $M = M_{pre,\uparrow}\wedge g(d)$ — refinement can only shrink $M_{pre}$.
+
+# %%
+if ready:
+    up = upsample_mask(m_pre, pipe.ldm.vae_factor) & valid
+    m, _ = refine_mask(up, d, valid, cfg.refinement.gmm_seed, cfg.refinement.orphan_filter)
+    assert (m == (up & g)).all()
+    fig = wt.masks_figure({"M_pre,↑": up, "g(d)": g, "M = M_pre,↑ ∧ g(d)": m}, image=to_uint8(x[0]))
+    iou = {k: explorers.iou(wt.back_to_image(v, frames[0]), gt) for k, v in (("M_pre", up), ("M", m))}
+    print("IoU vs ground truth:", {k: round(v, 3) for k, v in iou.items()})
+
+# %% [markdown]
+# ## Run stage 04 over the dataset
+
+# %%
+# NBVAL_SKIP
+from fgbg_utils.stages import refinement as stage_refinement
 result = stage_refinement.run(cfg, force=force)
 
 # %% [markdown]
@@ -53,17 +121,27 @@ result = stage_refinement.run(cfg, force=force)
 # Paper, CUB (Table 2, IoU): $M_{pre}$ 29.0 → $M$ 63.6; $M_{crop}$ 30.7.
 
 # %%
-# NBVAL_CHECK_OUTPUT
+# NBVAL_SKIP
+from IPython.display import Markdown, display
 from fgbg_utils.runs.runner import metrics_table
-print(metrics_table(cfg["run_dir"], stages=("02", "04")))
+display(Markdown(metrics_table(cfg.run_dir, stages=("02", "04"))))
 
 # %% [markdown]
 # ## Best and worst images: original, $M_{pre}$, inpainted background, difference, $M$
 
 # %%
+# NBVAL_SKIP
 from fgbg_utils.views.finetune_views import refinement_rows
 rows = refinement_rows(cfg, best=3, worst=3)
 if not rows:
     gallery.no_ground_truth("images are ranked by the IoU of M")
 else:
     fig = plots.image_rows(rows, ["image", "ground truth", "M_pre", "background", "difference", "M", "M_crop"])
+
+# %% [markdown]
+# ## Explore: before and after refinement, image by image
+
+# %%
+# NBVAL_SKIP
+ids = gallery.pick_ids(cfg, 10**6, cfg.evaluation.split)
+fig = explorers.refinement_explorer(cfg, ids, interactive)

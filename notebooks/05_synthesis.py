@@ -36,13 +36,44 @@ interactive = True               # widgets when a browser is attached
 
 # %%
 # %matplotlib inline
-from fgbg_utils.runs.notebook import notebook_config
-cfg = notebook_config(globals(), stage="05")
+from fgbg_utils.runs.notebook import NotebookError, notebook_config
 from fgbg_utils.views import evaluation_views as views
-from fgbg_utils.stages import synthesis as stage_synthesis
+from fgbg_utils.views import explorers
+from fgbg_utils.views import walkthrough as wt
+try:
+    cfg = notebook_config(globals(), stage="05")
+except NotebookError as missing:  # the one-image walkthrough below needs no run folder
+    cfg = notebook_config(globals())
+    print(f"{missing}\nThe walkthrough runs now; the dataset cells below need those stages.")
+
+# %% [markdown]
+# ## Walkthrough: one seed across the guidance scale, in memory
+#
+# Concept guidance mixes the two predictions at every DDIM step (`core.synthesis.guided_eps`):
+#
+# $$\hat\varepsilon = \varepsilon(y_b) + s\,\big(\varepsilon(y_f) - \varepsilon(y_b)\big).$$
+#
+# `guidance_sweep` starts every scale from the **same** initial noise. It uses $m'$ of this run folder
+# when notebook 03 has made it, else the pretrained $m$ (it says which).
 
 # %%
-# NBVAL_IGNORE_OUTPUT
+from fgbg_utils.core.synthesis import guidance_sweep
+from fgbg_utils.runs.notebook import relative
+tuned_dir = wt.finetuned_folder(cfg)
+pipe = wt.load_pipeline(cfg, tuned_dir)
+sampler = pipe.tuned if pipe.tuned is not None else pipe.ldm
+print("model:", f"m' from {relative(tuned_dir)}" if tuned_dir else "m (pretrained; no m' in this run folder yet)")
+scales = cfg.synthesis.sweep_scales
+images = guidance_sweep(sampler, cfg.resolved_prompt, cfg.background_prompt, scales, seed=cfg.seed,
+                        steps=cfg.synthesis.steps)
+fig = wt.strip_figure(images, [f"s = {s:g}" for s in scales], f"y_f = {cfg.resolved_prompt!r}, "
+                      f"y_b = {cfg.background_prompt!r}")
+
+# %% [markdown]
+# ## Run stage 05 over the dataset
+# %%
+# NBVAL_SKIP
+from fgbg_utils.stages import synthesis as stage_synthesis
 result = stage_synthesis.run(cfg, force=force)
 print(f"{result['n_images']} synthetic images (s = {result['guidance']:g}), "
       f"{result['n_pure_backgrounds']} pure backgrounds (s = {result['background_guidance']:g})")
@@ -54,13 +85,15 @@ print(f"{result['n_images']} synthetic images (s = {result['guidance']:g}), "
 # of $s = 1$ it becomes more pronounced.
 
 # %%
+# NBVAL_SKIP
 fig = views.guidance_sweep(cfg)
 
 # %% [markdown]
-# ## $D'$ with its masks $D'_m$, cut-outs $D'_f$ and backgrounds $D'_b$
+# ## Browse $D'$ with its masks $D'_m$, cut-outs $D'_f$ and backgrounds $D'_b$
 
 # %%
-fig = views.synthetic_rows(cfg, n=6)
+# NBVAL_SKIP
+fig = explorers.synthetic_explorer(cfg, interactive, n=6)
 
 # %% [markdown]
 # ## Pure backgrounds
@@ -70,12 +103,13 @@ fig = views.synthetic_rows(cfg, n=6)
 # an object, with the supervised U-Net as an independent detector.
 
 # %%
+# NBVAL_SKIP
 fig = views.pure_backgrounds(cfg, n=8)
 
 # %% [markdown]
 # ## $D'_s$ reads back like a real dataset
 
 # %%
-# NBVAL_CHECK_OUTPUT
+# NBVAL_SKIP
 images, masks = stage_synthesis.load_pairs(cfg)
 print(len(images), "pairs; image", images[0].shape, "mask", masks[0].shape, masks[0].dtype)

@@ -30,9 +30,9 @@ def _grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[
     return fig
 
 
-def guidance_sweep(cfg: dict):
+def guidance_sweep(cfg):
     """The paper's Fig. 8: one row per seed, s from background (left) to strong objects (right)."""
-    with np.load(Path(cfg["run_dir"]) / "05_synthesis" / "guidance_sweep.npz") as z:
+    with np.load(Path(cfg.run_dir) / "05_synthesis" / "guidance_sweep.npz") as z:
         images, scales = z["images"], z["scales"]
     return _grid([list(row) for row in images], [f"seed {k}" for k in range(len(images))],
                  [f"s = {s:g}" for s in scales])
@@ -43,34 +43,42 @@ def _checker(h: int, w: int, cell: int = 8) -> np.ndarray:
     return np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 0.85, 0.65) * np.ones(3)
 
 
-def synthetic_rows(cfg: dict, n: int = 6):
-    """Columns: D', D'_m, D'_f (over a checkerboard) and D'_b, for the first n synthetic images."""
-    root = Path(cfg["run_dir"]) / "05_synthesis"
-    ids = sorted(p.stem for p in (root / "dataset" / "masks").glob("*.png"))[:n]
-    rows = []
-    for i in ids:
-        img = np.asarray(Image.open(root / "dataset" / "images" / f"{i}.png").convert("RGB")) / 255
-        mask = np.asarray(Image.open(root / "dataset" / "masks" / f"{i}.png")) > 127
-        rgba = np.asarray(Image.open(root / "foregrounds" / f"{i}.png")) / 255
-        cut = rgba[..., :3] * rgba[..., 3:] + _checker(*mask.shape) * (1 - rgba[..., 3:])
-        back = np.asarray(Image.open(root / "backgrounds" / f"{i}.png").convert("RGB")) / 255
-        rows.append([img, mask.astype(float), cut, back])
-    return _grid(rows, ids, ["D'", "D'_m", "D'_f", "D'_b"])
+def synthetic_ids(cfg) -> list[str]:
+    """Ids of the synthetic pairs of stage 05 (sorted)."""
+    return sorted(p.stem for p in (Path(cfg.run_dir) / "05_synthesis" / "dataset" / "masks").glob("*.png"))
 
 
-def pure_backgrounds(cfg: dict, n: int = 8):
-    folder = Path(cfg["run_dir"]) / "05_synthesis" / "pure_backgrounds"
+def synthetic_pair(cfg, image_id: str) -> list[np.ndarray]:
+    """D', D'_m, D'_f (over a checkerboard) and D'_b of one synthetic image, floats in [0, 1]."""
+    root = Path(cfg.run_dir) / "05_synthesis"
+    img = np.asarray(Image.open(root / "dataset" / "images" / f"{image_id}.png").convert("RGB")) / 255
+    mask = np.asarray(Image.open(root / "dataset" / "masks" / f"{image_id}.png")) > 127
+    rgba = np.asarray(Image.open(root / "foregrounds" / f"{image_id}.png")) / 255
+    cut = rgba[..., :3] * rgba[..., 3:] + _checker(*mask.shape) * (1 - rgba[..., 3:])
+    back = np.asarray(Image.open(root / "backgrounds" / f"{image_id}.png").convert("RGB")) / 255
+    return [img, mask.astype(float), cut, back]
+
+
+def synthetic_rows(cfg, n: int = 6, ids: list[str] | None = None, size: float = 1.2):
+    """Columns: D', D'_m, D'_f (over a checkerboard) and D'_b, for the first n synthetic images
+    (or the given ids)."""
+    ids = synthetic_ids(cfg)[:n] if ids is None else ids
+    return _grid([synthetic_pair(cfg, i) for i in ids], ids, ["D'", "D'_m", "D'_f", "D'_b"], size)
+
+
+def pure_backgrounds(cfg, n: int = 8):
+    folder = Path(cfg.run_dir) / "05_synthesis" / "pure_backgrounds"
     files = sorted(folder.glob("*.png"))[:n]
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    s = cfg["synthesis"]["background_guidance"]
+    s = cfg.synthesis.background_guidance
     return _grid([images], [f"y_b, s = {s:g}"]) if images else None
 
 
-def table(cfg: dict) -> str:
+def table(cfg) -> str:
     """Stage 06's rows beside the paper's CUB IoU (Table 2), as text."""
     from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
 
-    m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+    m = read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json")
     if not m["rows"]:
         from fgbg_utils.views.gallery import NO_GROUND_TRUTH
         return f"{NO_GROUND_TRUTH}no row of Table 2 could be scored"
@@ -86,8 +94,38 @@ def table(cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def training_curves(cfg: dict):
-    m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+def table2_figure(cfg):
+    """Stage 06's foreground IoU per row (this run) beside the paper's CUB IoU (Table 2), as
+    horizontal bars; None (with a message) when no row was scored."""
+    from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
+
+    m = read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json")
+    keys = [k for k in ROWS if k in m["rows"]]
+    if not keys:
+        from fgbg_utils.views.gallery import no_ground_truth
+        no_ground_truth("no row of Table 2 could be scored, so there is no chart")
+        return None
+    ours = [100 * m["rows"][k]["iou"] for k in keys]
+    paper = [m.get("paper_cub_iou", {}).get(k) for k in keys]
+    y = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(keys) + 1.4))
+    ax.barh(y - 0.2, ours, 0.4, label="this run (IoU %)", color="tab:blue")
+    ax.barh(y + 0.2, [p or 0 for p in paper], 0.4, label="paper, CUB (IoU %)", color="0.7")
+    for yi, v, p in zip(y, ours, paper):
+        ax.text(v + 0.5, yi - 0.2, f"{v:.1f}", va="center", fontsize=7)
+        if p is not None:
+            ax.text(p + 0.5, yi + 0.2, f"{p:.1f}", va="center", fontsize=7, color="0.4")
+    ax.set_yticks(y, [ROW_LABELS[k] for k in keys])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 105), ax.set_xlabel("foreground IoU (%)")
+    ax.set_title("Table 2: this run beside the paper's CUB numbers", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(cfg):
+    m = read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json")
     fig, ax = plt.subplots(figsize=(6, 3))
     for key, info in m["training"].items():
         curve = np.asarray(info["loss_curve"])
@@ -100,17 +138,17 @@ def training_curves(cfg: dict):
     return fig
 
 
-def best_worst(cfg: dict, row: str, best: int = 3, worst: int = 3):
+def best_worst(cfg, row: str, best: int = 3, worst: int = 3):
     """Image, ground truth and the row's prediction for its best and worst test images."""
     from fgbg_utils.data.loader import load_dataset
     from fgbg_utils.data.datasets import load_image, load_mask
 
-    m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+    m = read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json")
     ious = m["rows"][row]["per_image_iou"]
     order = sorted(ious, key=ious.get)
     pick = order[::-1][:best] + order[:worst]
     records = {r.id: r for r in load_dataset(cfg)[0]}
-    pred_dir = Path(cfg["run_dir"]) / "06_evaluation" / "predictions" / row
+    pred_dir = Path(cfg.run_dir) / "06_evaluation" / "predictions" / row
     rows = []
     for i in pick:
         img = load_image(records[i].image)
@@ -120,7 +158,7 @@ def best_worst(cfg: dict, row: str, best: int = 3, worst: int = 3):
     return _grid(rows, [f"{i} IoU {ious[i]:.2f}" for i in pick], ["image", "ground truth", row])
 
 
-def _row_masks(cfg: dict, image_id: str) -> dict:
+def _row_masks(cfg, image_id: str) -> dict:
     """Every scored row's mask of one test image, at the image's size (U-Net rows from
     06_evaluation/predictions, the direct rows from stages 02 and 04)."""
     from fgbg_utils.stages import evaluation as se
@@ -128,7 +166,7 @@ def _row_masks(cfg: dict, image_id: str) -> dict:
     frame = se._frames(cfg, [image_id])[image_id]
     out = {"M_pre": se._mpre(cfg, image_id, frame), "M_crop": se._stage04(cfg, image_id, frame, "m_crop"),
            "M": se._stage04(cfg, image_id, frame, "refined")}
-    pred_root = Path(cfg["run_dir"]) / "06_evaluation" / "predictions"
+    pred_root = Path(cfg.run_dir) / "06_evaluation" / "predictions"
     for row in se.ROWS:
         f = pred_root / row / f"{image_id}.png"
         if f.exists():
@@ -136,7 +174,7 @@ def _row_masks(cfg: dict, image_id: str) -> dict:
     return out
 
 
-def prediction_explorer(cfg: dict, interactive: bool = True):
+def prediction_explorer(cfg, interactive: bool = True):
     """A dropdown over the scored test images (worst first by U-Net(D_s) IoU) showing the image,
     its ground truth and every row's mask with its IoU. Headless it draws nothing (the best/worst
     gallery above is the static view)."""
@@ -149,7 +187,7 @@ def prediction_explorer(cfg: dict, interactive: bool = True):
     from fgbg_utils.data.datasets import load_image, load_mask
     from fgbg_utils.stages.evaluation import ROW_LABELS
 
-    m = read_json(Path(cfg["run_dir"]) / "metrics" / "06_evaluation.json")
+    m = read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json")
     if not m["rows"]:
         from fgbg_utils.views.gallery import no_ground_truth
         no_ground_truth("no row could be scored, so there is nothing to explore")

@@ -14,7 +14,7 @@ from fgbg_utils.core.rectangles import RectRules, training_mask
 from fgbg_utils.core.refine import upsample_mask
 
 
-def rectangle_examples(cfg: dict, n: int = 6):
+def rectangle_examples(cfg, n: int = 6):
     """Training images with M_pre (red) and one sampled training mask each (green: supervised)."""
     from fgbg_utils.stages.binarization import load_mpre
 
@@ -25,7 +25,7 @@ def rectangle_examples(cfg: dict, n: int = 6):
     L, f = s["latent_size"], s["vae_factor"]
     for ax, i in zip(axes[0], ids):
         m_pre = load_mpre(cfg, i)
-        rng = np.random.default_rng(seeds.derive_seed(cfg["seed"], "fig-rect", i))
+        rng = np.random.default_rng(seeds.derive_seed(cfg.seed, "fig-rect", i))
         mask, kind, prompt = training_mask(m_pre, rng, RectRules.for_grid(L), p_full=0.0)
         canvas, _ = image_to_canvas(load_image(records[i].image), s["resolution"], f)
         img = (canvas.transpose(1, 2, 0) + 1) / 2
@@ -40,9 +40,9 @@ def rectangle_examples(cfg: dict, n: int = 6):
     return fig
 
 
-def sample_grid(cfg: dict, n: int = 8):
+def sample_grid(cfg, n: int = 8):
     """Rows: m and m' with y_f, with y_b, and with y_b contrasted against y_f (same seeds)."""
-    path = Path(cfg["run_dir"]) / "03_finetuning" / "samples.npz"
+    path = Path(cfg.run_dir) / "03_finetuning" / "samples.npz"
     names = {"base_y_f": "m, y_f", "tuned_y_f": "m', y_f", "base_y_b": "m, y_b", "tuned_y_b": "m', y_b",
              "base_y_b_vs_y_f": "m, y_b−y_f", "tuned_y_b_vs_y_f": "m', y_b−y_f"}
     with np.load(path) as z:
@@ -57,30 +57,37 @@ def sample_grid(cfg: dict, n: int = 8):
     return fig
 
 
-def refinement_rows(cfg: dict, best: int = 3, worst: int = 3) -> list[dict]:
-    """Gallery rows for the best and worst refined masks (fg IoU) of the evaluation split."""
-    from fgbg_utils.core.metrics import SegmentationMeter
+def refinement_row(cfg, image_id: str, records=None) -> dict:
+    """One image's stage-04 views at its original size: image, ground truth (when labelled), M_pre,
+    the inpainted background x̂, the difference |x − x̂|, M and M_crop."""
+    from PIL import Image
+
     from fgbg_utils.stages.attention_maps import load_frame
     from fgbg_utils.stages.binarization import load_mpre
     from fgbg_utils.stages.refinement import load_refined, out_path
-    from PIL import Image
+
+    rec = (records or gallery.records_by_id(cfg))[image_id]
+    frame = load_frame(cfg, image_id)
+    back = lambda a: canvas_to_original(a, frame, "mask")
+    row = {"label": image_id, "image": load_image(rec.image), "M_pre": back(load_mpre(cfg, image_id)),
+           "M": back(load_refined(cfg, image_id)), "M_crop": back(load_refined(cfg, image_id, "m_crop")),
+           "background": np.asarray(Image.open(out_path(cfg, "background", image_id))),
+           "difference": np.asarray(Image.open(out_path(cfg, "difference", image_id)), np.float32) / 255}
+    if rec.mask is not None:
+        row["ground truth"] = load_mask(rec.mask)
+    return row
+
+
+def refinement_rows(cfg, best: int = 3, worst: int = 3) -> list[dict]:
+    """Gallery rows for the best and worst refined masks (fg IoU) of the evaluation split."""
+    from fgbg_utils.core.metrics import SegmentationMeter
 
     records = gallery.records_by_id(cfg)
-    ids = gallery.pick_ids(cfg, 10**6, cfg["evaluation"]["split"])
     rows = {}
-    for i in ids:
-        if records[i].mask is None:
-            continue
-        frame = load_frame(cfg, i)
-        gt = load_mask(records[i].mask)
-        back = lambda a, kind="mask": canvas_to_original(a, frame, kind)
-        row = {"image": load_image(records[i].image), "ground truth": gt,
-               "M_pre": back(load_mpre(cfg, i)), "M": back(load_refined(cfg, i)),
-               "M_crop": back(load_refined(cfg, i, "m_crop")),
-               "background": np.asarray(Image.open(out_path(cfg, "background", i))),
-               "difference": np.asarray(Image.open(out_path(cfg, "difference", i)), np.float32) / 255}
+    for i in gallery.ground_truth_ids(cfg, records, cfg.evaluation.split):
+        row = refinement_row(cfg, i, records)
         meter = SegmentationMeter()
-        meter.update(row["M"], gt)
+        meter.update(row["M"], row["ground truth"])
         row["iou"] = meter.result()["iou_per_image"]
         rows[i] = row
     order = sorted(rows, key=lambda k: rows[k]["iou"])

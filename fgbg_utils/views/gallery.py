@@ -18,29 +18,29 @@ def no_ground_truth(what: str) -> None:
     print(f"{NO_GROUND_TRUTH}{what}")
 
 
-def ground_truth_ids(cfg: dict, records: dict | None = None, split: str | None = None) -> list[str]:
+def ground_truth_ids(cfg, records: dict | None = None, split: str | None = None) -> list[str]:
     """Ids of the stage-01 images (of `split`) that have a ground-truth mask."""
     records = records or records_by_id(cfg)
     return [i for i in pick_ids(cfg, 10**9, split) if i in records and records[i].mask is not None]
 
 
-def summary01(cfg: dict) -> dict:
-    return read_json(Path(cfg["run_dir"]) / STAGE01 / "summary.json")
+def summary01(cfg) -> dict:
+    return read_json(Path(cfg.run_dir) / STAGE01 / "summary.json")
 
 
-def records_by_id(cfg: dict) -> dict:
+def records_by_id(cfg) -> dict:
     records, _ = load_dataset(cfg)
     return {r.id: r for r in records}
 
 
-def pick_ids(cfg: dict, n: int, split: str | None = None) -> list[str]:
+def pick_ids(cfg, n: int, split: str | None = None) -> list[str]:
     """The first n images of a split (deterministic)."""
     s = summary01(cfg)
     ids = [i for i in s["images"] if split is None or s["splits"][i] == split]
     return ids[:n]
 
 
-def attention_row(cfg: dict, image_id: str, records=None) -> dict:
+def attention_row(cfg, image_id: str, records=None) -> dict:
     """Image, ground truth and M̂ (mapped back to the original image) for one image."""
     rec = (records or records_by_id(cfg))[image_id]
     m = load_map(cfg, image_id)
@@ -51,7 +51,7 @@ def attention_row(cfg: dict, image_id: str, records=None) -> dict:
     return row
 
 
-def binarization_row(cfg: dict, image_id: str, records=None) -> dict:
+def binarization_row(cfg, image_id: str, records=None) -> dict:
     from fgbg_utils.stages.binarization import load_mpre
 
     row = attention_row(cfg, image_id, records)
@@ -60,7 +60,7 @@ def binarization_row(cfg: dict, image_id: str, records=None) -> dict:
     return row
 
 
-def per_image_iou(cfg: dict, ids: list[str], records=None) -> dict[str, float]:
+def per_image_iou(cfg, ids: list[str], records=None) -> dict[str, float]:
     """fg IoU of M_pre per image (images with ground truth only)."""
     from fgbg_utils.core.metrics import SegmentationMeter
 

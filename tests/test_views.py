@@ -1,0 +1,173 @@
+"""The notebooks' views headless: the one-image walkthrough helpers on the shipped toy model, and
+the explorers' figure functions on a tiny run folder (stages 01-06), with and without ground truth."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from fgbg_utils import load_params  # noqa: E402
+from fgbg_utils.runs.params import PROJECT_ROOT  # noqa: E402
+from fgbg_utils.views import evaluation_views, explorers, finetune_views, gallery  # noqa: E402
+from fgbg_utils.views import walkthrough as wt  # noqa: E402
+
+TOY = PROJECT_ROOT / "params" / "toy.yaml"
+TINY = {"dataset.n_train": 3, "dataset.n_test": 2, "T0": 5, "device": "cpu",
+        "finetune.max_train_steps": 2, "finetune.batch_size": 2, "finetune.eval_samples": 2,
+        "finetune.eval_steps": 2, "refinement.steps": 3,
+        "synthesis.n_images": 3, "synthesis.steps": 3, "synthesis.background_images": 2,
+        "synthesis.sweep_seeds": 1, "synthesis.sweep_scales": [-2, 1, 3],
+        "segmentation.size": 32, "segmentation.base_width": 4, "segmentation.depth": 2,
+        "segmentation.steps": 3, "segmentation.batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run folder with stages 01-04."""
+    from fgbg_utils.stages import attention_maps, binarization, finetuning, refinement
+
+    cfg = load_params(TOY, TINY, run_dir=str(tmp_path_factory.mktemp("views") / "run"))
+    for stage in (attention_maps, binarization, finetuning, refinement):
+        stage.run(cfg, progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run56(run):
+    """The same run folder with stages 05 and 06."""
+    from fgbg_utils.stages import evaluation, synthesis
+
+    synthesis.run(run, progress=False)
+    evaluation.run(run, progress=False, log=lambda m: None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def walk():
+    cfg = load_params(TOY, {"device": "cpu", "T0": 10})
+    image, gt, _ = wt.toy_example()
+    pipe = wt.load_pipeline(cfg)
+    maps = pipe.attention_maps(image, cfg.object, cfg.prompt, T0=cfg.T0, ids=["w"], per_timestep=True,
+                               per_layer=True, per_token=True)
+    return cfg, image, gt, pipe, maps
+
+
+def test_toy_example_is_fixed_and_has_an_object():
+    a, gt_a, cap = wt.toy_example()
+    b, gt_b, _ = wt.toy_example()
+    assert (a == b).all() and (gt_a == gt_b).all() and gt_a.sum() > 100 and "shape" in cap
+
+
+def test_gmm_figure_draws_the_two_gaussians_of_binarize(walk):
+    from fgbg_utils.core.binarize import gmm_threshold
+
+    _, _, _, _, maps = walk
+    values = maps.mhat[0][maps.valid(0)]
+    tau, means = gmm_threshold(values)
+    _, mu, sd = wt.gmm_components(values)
+    assert np.allclose(mu, means) and (sd > 0).all()
+    fig = wt.gmm_figure(values, tau)
+    lines = fig.axes[0].lines
+    assert any(np.allclose(line.get_xdata(), tau) for line in lines)  # the midpoint is marked
+    assert sum(len(line.get_xdata()) == 300 for line in lines) == 2   # two Gaussian curves
+    plt.close("all")
+
+
+def test_attention_figure_sliders_are_independent(walk):
+    _, image, _, pipe, maps = walk
+    canvas = (pipe.canvases(image)[0][0].permute(1, 2, 0).numpy() + 1) * 127.5
+    v = explorers.MapViews.from_pipeline(maps, canvas.astype(np.uint8))
+    opts = v.options()
+    assert opts["noise level t"][0] == "t = 1" and len(opts["noise level t"]) == 50
+    assert opts["token"] == ["'shape' @ 5"] and len(opts["layer"]) == len(maps.layers)
+    fig = explorers.attention_figure(v, t=3, layer=1, token=0)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "noise level t: t = 61" in titles and any(t.startswith("layer: ") for t in titles)
+    # changing one index changes only its own panel
+    a = explorers.attention_figure(v, t=3, layer=0).axes
+    b = explorers.attention_figure(v, t=3, layer=1).axes
+    assert a[1].get_title() == b[1].get_title() and a[2].get_title() != b[2].get_title()
+    assert a[3].get_title() == b[3].get_title()
+    assert len(explorers.attention_explorer(lambda _: v, ["w"], interactive=False)) == 3
+    plt.close("all")
+
+
+def test_threshold_figure_scores_the_chosen_threshold(walk):
+    _, _, gt, pipe, maps = walk
+    masks = pipe.preliminary_masks(maps)
+    tau = masks.thresholds[0]
+    fig, score = explorers.threshold_figure(maps.mhat[0], maps.valid(0), tau, {"threshold": tau},
+                                            maps.frames[0], gt)
+    assert score == pytest.approx(explorers.iou(masks.original()[0], gt))
+    assert len(fig.axes) == 3
+    _, high = explorers.threshold_figure(maps.mhat[0], maps.valid(0), 0.999, {"threshold": tau},
+                                         maps.frames[0], gt)
+    assert high < score
+    fig, none = explorers.threshold_figure(maps.mhat[0], maps.valid(0), tau, {"threshold": tau},
+                                           maps.frames[0], None)
+    assert none is None and len(fig.axes) == 2
+    plt.close("all")
+
+
+def test_rectangles_figure_draws_every_box(walk):
+    from fgbg_utils.core.rectangles import RectRules, sample_rectangle
+
+    _, image, _, pipe, maps = walk
+    m_pre = pipe.preliminary_masks(maps).masks[0]
+    rng = np.random.default_rng(0)
+    draws = [sample_rectangle(~m_pre, rng, RectRules.for_grid(16)) for _ in range(4)]
+    fig = wt.rectangles_figure(image, m_pre, draws, 4)
+    assert len(fig.axes[0].patches) == sum(box is not None for _, _, box in draws)
+    plt.close("all")
+
+
+def test_inpaint_trace_keeps_the_known_region(walk, run):
+    cfg, image, _, pipe, maps = walk
+    tuned = wt.load_pipeline(cfg, wt.finetuned_folder(run))
+    m_pre = pipe.preliminary_masks(maps).masks[0]
+    x, _ = pipe.canvases(image)
+    x_hat, trace = wt.inpaint_trace(tuned.tuned, x[0], m_pre, cfg.background_prompt, seed=0, steps=4, show=2)
+    assert sorted(trace) == [2, 4] and x_hat.shape == (64, 64, 3)
+    assert np.allclose(trace[4], x_hat, atol=1e-5)  # the last kept step is x̂
+    assert wt.finetuned_folder(cfg) is None or wt.finetuned_folder(cfg).exists()
+
+
+def test_run_folder_explorers(run):
+    ids = gallery.pick_ids(run, 10)
+    v = explorers.MapViews.from_run(run, ids[0])
+    assert v.canvas.shape == (64, 64, 3) and v.per_layer is not None
+    assert len(explorers.attention_explorer(lambda i: explorers.MapViews.from_run(run, i), ids, False)) >= 2
+    row = finetune_views.refinement_row(run, ids[0])
+    assert {"M_pre", "M", "background", "difference", "ground truth"} <= set(row)
+    assert not (row["M"] & ~row["M_pre"]).any()
+    assert len(explorers.refinement_explorer(run, ids, interactive=False).axes) == 7
+    plt.close("all")
+
+
+def test_synthetic_pairs_and_table2(run56):
+    run = run56
+    assert len(evaluation_views.synthetic_ids(run)) == 3
+    assert len(explorers.synthetic_explorer(run, interactive=False, n=2).axes) == 8
+    fig = evaluation_views.table2_figure(run)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert "M_pre" in labels and "supervised" in labels
+    plt.close("all")
+
+
+def test_no_ground_truth_says_so(run, tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    other = load_params(TOY, {**TINY}, run_dir=str(tmp_path / "r"))
+    metrics = Path(other.run_dir) / "metrics"
+    metrics.mkdir(parents=True)
+    (metrics / "06_evaluation.json").write_text(json.dumps({"rows": {}}))
+    assert evaluation_views.table2_figure(other) is None
+    assert "no ground-truth masks" in capsys.readouterr().out
+
+
+def test_widgets_only_with_a_browser():
+    assert not explorers.use_widgets(False)
+    assert not explorers.use_widgets(True)  # no kernel here (as under papermill and nbval)
