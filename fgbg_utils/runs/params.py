@@ -28,9 +28,6 @@ def P(default, doc: str, **kw):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
-    def __getitem__(self, key):  # TRANSITION: dict-style access until every caller is converted
-        return getattr(self, key)
-
 
 SegRow = Literal["unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised"]
 SEG_ROWS = ("unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised")

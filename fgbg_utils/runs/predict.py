@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -58,8 +58,7 @@ class Segmenter:
                                f"first (notebook 06_evaluation or `python -m fgbg_utils run PARAMS "
                                f"--stages 06 --out {run_dir}`), or pass --row with one of: {have}.")
         info = read_json(models_dir(run_dir) / f"{row}.json")
-        known = {f.name for f in fields(SegConfig)}
-        cfg = SegConfig(**{k: v for k, v in info["config"].items() if k in known})
+        cfg = SegConfig(**{k: v for k, v in info["config"].items() if k in SegConfig.model_fields})
         cfg.device = device
         if batch_size:
             cfg.batch_size = batch_size
