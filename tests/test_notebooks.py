@@ -111,9 +111,9 @@ def test_notebook_config_merges_namespace_over_params_file(tmp_path):
     ns = {"params_file": TOY, "run_dir": str(tmp_path / "r"), "force": False, "interactive": False,
           "T0": 30, "dataset": "{n_train: 8}", "finetune": {"batch_size": 2}}
     cfg = notebook_config(ns)
-    assert cfg["T0"] == 30 and cfg["run_dir"] == str(tmp_path / "r")
-    assert cfg["dataset"]["n_train"] == 8 and cfg["dataset"]["n_test"] == 64  # merged over toy.yaml
-    assert cfg["finetune"]["batch_size"] == 2 and cfg["finetune"]["max_train_steps"] == 1500
+    assert cfg.T0 == 30 and cfg.run_dir == str(tmp_path / "r")
+    assert cfg.dataset.n_train == 8 and cfg.dataset.n_test == 64  # merged over toy.yaml
+    assert cfg.finetune.batch_size == 2 and cfg.finetune.max_train_steps == 1500
     with pytest.raises(ParamsError, match="(?s)T0.*Fix the parameters cell"):
         notebook_config({**ns, "T0": 99})
     with pytest.raises(ParamsError, match="dataset"):
