@@ -73,7 +73,7 @@ def test_unsupported_prediction_type_is_refused(vpred_path, tmp_path):
     shutil.copytree(vpred_path, bad)
     cfg_path = bad / "scheduler" / "scheduler_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg.prediction_type = "sample"
+    cfg["prediction_type"] = "sample"
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(models.ModelError, match="prediction_type"):
         models.load_ldm(str(bad), device="cpu")
