@@ -231,6 +231,9 @@ def mask_gallery(run_dir: Path, metrics: dict, n: int = GALLERY_SIZE) -> str:
     row = masks.get("row", "")
     note = (f"<p>not shown (image or mask unreadable): {html.escape(', '.join(missing))}</p>"
             if missing else "")
+    bad = [Path(u["file"]).name for u in masks.get("unreadable", [])]
+    if bad:
+        note += f"<p>no mask (the file could not be decoded): {html.escape(', '.join(bad))}</p>"
     return (f"<h2>Masks of {html.escape(ROW_LABELS.get(row, row))}</h2><p>No ground truth in this "
             f"dataset, so nothing is scored: here are {len(cells)} of the {masks.get('n_images')} "
             f"masks stage 06 wrote to {html.escape(str(masks.get('folder')))}/ (foreground tinted "

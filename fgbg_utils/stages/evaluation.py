@@ -195,10 +195,20 @@ def write_masks(cfg, out: Path, models: dict, records, progress: bool = True, lo
             atomic_save_png(folder / f"{r.id}.png", mask)
         bar.update(len(group))
     bar.close()
-    log(f"stage 06: masks of {ROW_LABELS[row]} for all {len(records)} images in {folder}")
+    unreadable = _unreadable(cfg)
+    log(f"stage 06: masks of {ROW_LABELS[row]} for all {len(records)} readable images in {folder}"
+        + (f"; no mask for {len(unreadable)} unreadable file(s): "
+           + ", ".join(Path(u["file"]).name for u in unreadable) if unreadable else ""))
     return {"row": row, "folder": f"{STAGE}/masks/{row}", "n_images": len(records),
             "images": {r.id: {"mask": rel(r.id), "image": str(r.image), "split": r.split}
-                       for r in records}}
+                       for r in records}, "unreadable": unreadable}
+
+
+def _unreadable(cfg) -> list[dict]:
+    """The files stage 01 could not decode (dataset.on_corrupt=skip), with the reason."""
+    path = Path(cfg.run_dir) / "01_attention_maps" / "summary.json"
+    skipped = read_json(path).get("skipped_images", []) if path.exists() else []
+    return [{"file": f, "reason": why} for f, why in skipped]
 
 
 # ----------------------------------------------------------------------------- scoring
