@@ -1,6 +1,7 @@
 """`python -m fgbg_utils report DIR`: one self-contained HTML file that opens offline: the run's
 Table 2 as a bar chart beside the paper's CUB numbers, the metrics table, then the executed
-notebooks of DIR/notebooks (nbconvert's HTML exporter). No script is loaded or run: equations are
+notebooks of DIR/notebooks (nbconvert's HTML exporter); without ground truth, a gallery of stage
+06's masks over their images instead of scores. No script is loaded or run: equations are
 converted to MathML when the report is written (latex2mathml), figures are embedded, progress bars
 and widget views (which need a browser-side widget manager) are dropped, paths are relative."""
 from __future__ import annotations
@@ -174,6 +175,81 @@ def _chart_html(run_dir: Path) -> str:
     return f"<div class='fgbg-chart'>{svg}</div>" if svg else ""
 
 
+GALLERY_SIZE = 8     # masks shown when the dataset has no ground truth
+GALLERY_SIDE = 192   # px, long side of a gallery thumbnail
+
+
+def _data_uri(rgb) -> str:
+    import base64
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _thumbnail(rgb, side: int = GALLERY_SIDE):
+    import numpy as np
+    from PIL import Image
+
+    im = Image.fromarray(rgb)
+    im.thumbnail((side, side), Image.LANCZOS)
+    return np.asarray(im)
+
+
+def mask_gallery(run_dir: Path, metrics: dict, n: int = GALLERY_SIZE) -> str:
+    """A few of stage 06's masks over their images (inline PNGs) with their ids; '' when stage 06
+    wrote none. Images that cannot be read any more are named instead."""
+    import numpy as np
+    from PIL import Image
+
+    from fgbg_utils.data.datasets import DatasetError, load_image
+    from fgbg_utils.runs.predict import overlay
+    from fgbg_utils.stages.evaluation import ROW_LABELS
+
+    masks = metrics.get("masks") or {}
+    items = sorted(masks.get("images", {}).items(), key=lambda kv: (kv[1].get("split") != "test", kv[0]))
+    cells, missing = [], []
+    for image_id, entry in items[:n]:
+        try:
+            image = load_image(entry["image"])
+            with Image.open(run_dir / entry["mask"]) as m:
+                mask = np.asarray(m.convert("L")) > 127
+            if mask.shape != image.shape[:2]:
+                raise DatasetError(f"mask {mask.shape} vs image {image.shape[:2]}")
+        except (OSError, DatasetError) as e:
+            missing.append(f"{image_id} ({type(e).__name__})")
+            continue
+        cells.append(f"<figure><img alt='{html.escape(image_id)}' src='{_data_uri(_thumbnail(image))}'>"
+                     f"<img alt='mask of {html.escape(image_id)}' "
+                     f"src='{_data_uri(_thumbnail(overlay(image, mask)))}'>"
+                     f"<figcaption>{html.escape(image_id)} ({html.escape(str(entry.get('split')))}, "
+                     f"{image.shape[1]}×{image.shape[0]} px)</figcaption></figure>")
+    if not cells and not missing:
+        return ""
+    row = masks.get("row", "")
+    note = (f"<p>not shown (image or mask unreadable): {html.escape(', '.join(missing))}</p>"
+            if missing else "")
+    bad = [Path(u["file"]).name for u in masks.get("unreadable", [])]
+    if bad:
+        note += f"<p>no mask (the file could not be decoded): {html.escape(', '.join(bad))}</p>"
+    return (f"<h2>Masks of {html.escape(ROW_LABELS.get(row, row))}</h2><p>No ground truth in this "
+            f"dataset, so nothing is scored: here are {len(cells)} of the {masks.get('n_images')} "
+            f"masks stage 06 wrote to {html.escape(str(masks.get('folder')))}/ (foreground tinted "
+            f"red, background darkened; every image at its own size).</p>"
+            f"<div class='fgbg-gallery'>{''.join(cells)}</div>{note}")
+
+
+def _gallery_html(run_dir: Path) -> str:
+    """The mask gallery when stage 06 scored nothing (the dataset has no ground truth)."""
+    path = run_dir / "metrics" / f"{STAGES['06']}.json"
+    if not path.exists():
+        return ""
+    metrics = json.loads(path.read_text())
+    return "" if metrics.get("rows") else mask_gallery(run_dir, metrics)
+
+
 def _manifest_html(run_dir: Path) -> str:
     from fgbg_utils.runs.notebook import relative
 
@@ -209,10 +285,12 @@ def write_report(run_dir: str | Path) -> Path:
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fgbg run {name}</title>"
             f"{style}<style>table.fgbg td,table.fgbg th{{padding:2px 8px;border:1px solid #ccc}}"
             f"h1.fgbg-nb{{border-top:3px solid #444;padding-top:8px}}"
-            f".fgbg-chart svg{{max-width:100%;height:auto}}</style></head><body>"
+            f".fgbg-chart svg{{max-width:100%;height:auto}}"
+            f".fgbg-gallery figure{{display:inline-block;margin:4px;vertical-align:top}}"
+            f".fgbg-gallery img{{margin-right:2px}}</style></head><body>"
             f"<div style='margin:1em'><h1>fgbg run: {name}</h1>"
             f"{_manifest_html(run_dir)}{_chart_html(run_dir)}"
-            f"<h2>Metrics (evaluation split, pooled)</h2>{_table_html(run_dir)}"
+            f"<h2>Metrics (evaluation split, pooled)</h2>{_table_html(run_dir)}{_gallery_html(run_dir)}"
             f"<p>{toc}</p></div>{''.join(parts)}</body></html>")
     out = run_dir / "report.html"
     atomic_write_text(out, page)

@@ -1,6 +1,7 @@
 """Stage 06: the evaluation of the paper's Table 2 (METHOD §2.6). Segmentation U-Nets trained on
 (D, M_pre), D_s = (D, M), D_s ∪ D'_s and, for reference, on ground truth; each is scored on the
-held-out split beside the direct masks M_pre, M_crop and M."""
+held-out split beside the direct masks M_pre, M_crop and M. The best label-free U-Net's masks of
+every image (the method's product, with or without ground truth) go to masks/<row>/<id>.png."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,8 @@ from fgbg_utils.data.lazy import LazySequence
 from fgbg_utils.io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
 from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, open_stage, update_stage
 from fgbg_utils.training.config import SegSettings
-from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop, resolve_device, train_segnet)
+from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop,
+                                        resolve_device, train_segnet)
 
 STAGE = "06_evaluation"
 STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
@@ -59,11 +61,11 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     train, test = _splits(cfg)
     if force:
         import shutil
-        for sub in ("models", "predictions"):
+        for sub in ("models", "predictions", "masks"):
             shutil.rmtree(out / sub, ignore_errors=True)
     gt_test, skipped_test = load_ground_truth(test)
     gt_train, skipped_train = load_ground_truth(train) if "supervised" in rows else ({}, [])
-    frames = _frames(cfg, [r.id for r in train + test])
+    frames = frames_of(cfg, [r.id for r in train + test])
     by_id = {r.id: r for r in train + test}
     image_of = lambda i: load_image(by_id[i].image)  # noqa: E731 (images are loaded when used)
     result = {"split": cfg.evaluation.split, "n_train": len(train), "n_test": len(test),
@@ -75,20 +77,23 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
         log(f"stage 06: {len(skipped_test)} test image(s) have no usable ground truth and are not "
             f"scored: {', '.join(i for i, _ in skipped_test[:10])}{' …' if len(skipped_test) > 10 else ''}")
     scorer = _Scorer(cfg, gt_test, image_of)
-    direct = {"M_pre": lambda i: _mpre(cfg, i, frames[i]),
-              "M_crop": lambda i: _stage04(cfg, i, frames[i], "m_crop"),
-              "M": lambda i: _stage04(cfg, i, frames[i], "refined")}
+    direct = {"M_pre": lambda i: mpre_original(cfg, i, frames[i]),
+              "M_crop": lambda i: stage04_original(cfg, i, frames[i], "m_crop"),
+              "M": lambda i: stage04_original(cfg, i, frames[i], "refined")}
     sets = _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, result)
+    models = {}
     for row in ROWS:
         if row in direct:
             scorer.score_masks(row, direct[row])
         elif row in sets:
             model, info = _train_or_load(cfg, out, row, *sets[row], log, progress)
             result["training"][row] = info
+            models[row] = model
             scorer.score_model(row, model, out / "predictions" / row)
             if row == "supervised":
                 result["object_free_check"] = object_free_check(cfg, model, image_of, gt_test)
     result["rows"] = scorer.results()
+    result["masks"] = write_masks(cfg, out, models, train + test, progress, log)
     if not gt_test:
         result["note"] = (f"no test image has usable ground truth: the networks were trained and "
                           f"saved, metrics skipped ({len(skipped_test)} images listed)")
@@ -100,17 +105,17 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
 
 
 # ----------------------------------------------------------------------------- masks of the run
-def _frames(cfg, ids) -> dict:
+def frames_of(cfg, ids) -> dict:
     from fgbg_utils.stages.attention_maps import load_frame
     return {i: load_frame(cfg, i) for i in ids}
 
 
-def _mpre(cfg, image_id, frame) -> np.ndarray:
+def mpre_original(cfg, image_id, frame) -> np.ndarray:
     from fgbg_utils.stages.binarization import load_mpre
     return canvas_to_original(load_mpre(cfg, image_id), frame, "mask")
 
 
-def _stage04(cfg, image_id, frame, kind) -> np.ndarray:
+def stage04_original(cfg, image_id, frame, kind) -> np.ndarray:
     from fgbg_utils.stages.refinement import load_refined
     return canvas_to_original(load_refined(cfg, image_id, kind), frame, "mask")
 
@@ -122,9 +127,9 @@ def _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, 
     imgs = LazySequence(ids, image_of)
     sets = {}
     if "unet_M_pre" in rows:
-        sets["unet_M_pre"] = (imgs, LazySequence(ids, lambda i: _mpre(cfg, i, frames[i])))
+        sets["unet_M_pre"] = (imgs, LazySequence(ids, lambda i: mpre_original(cfg, i, frames[i])))
     if {"unet_D_s", "unet_D_s_plus_synth"} & set(rows):
-        d_s = LazySequence(ids, lambda i: _stage04(cfg, i, frames[i], "refined"))
+        d_s = LazySequence(ids, lambda i: stage04_original(cfg, i, frames[i], "refined"))
         if "unet_D_s" in rows:
             sets["unet_D_s"] = (imgs, d_s)
         if "unet_D_s_plus_synth" in rows:
@@ -152,7 +157,9 @@ def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
         model = build_model(scfg)
         model.load_state_dict(load_file(str(weights)))
         return model.to(resolve_device(scfg.device)).eval(), read_json(info_path)
+    import shutil
     import time
+    shutil.rmtree(out / "masks" / row, ignore_errors=True)  # masks of earlier weights
     t0 = time.time()
     log(f"stage 06: training {ROW_LABELS[row]} on {len(images)} images ({scfg.steps} steps)")
     model, curve = train_segnet(images, masks, scfg, log=log, progress=progress)
@@ -162,6 +169,46 @@ def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
     atomic_save_safetensors(weights, model.state_dict())
     atomic_write_json(info_path, info)
     return model, info
+
+
+# ----------------------------------------------------------------------------- the product
+def write_masks(cfg, out: Path, models: dict, records, progress: bool = True, log=print) -> dict | None:
+    """The method's product: the best label-free U-Net's mask of every image, train and test, at
+    the image's own (upright) size: 06_evaluation/masks/<row>/<id>.png. A mask already written by
+    the same weights is kept (the folder is cleared when its network is retrained)."""
+    from tqdm.auto import tqdm
+
+    from fgbg_utils.runs.predict import PREFERRED_ROWS, Segmenter
+    from fgbg_utils.stages.common import groups
+
+    row = next((r for r in PREFERRED_ROWS if r in models), None)
+    if row is None:
+        log("stage 06: no label-free U-Net row was trained (segmentation.rows); no masks written")
+        return None
+    seg = Segmenter(models[row], seg_config(cfg), row)
+    folder = out / "masks" / row
+    rel = lambda i: f"{STAGE}/masks/{row}/{i}.png"  # noqa: E731 (relative to the run folder)
+    todo = [r for r in records if not (folder / f"{r.id}.png").exists()]
+    bar = tqdm(total=len(todo), desc=f"06 masks ({row})", unit="img", disable=not progress or not todo)
+    for group in groups(todo, max(1, seg.config.batch_size)):
+        for r, mask in zip(group, seg.predict([load_image(r.image) for r in group])):
+            atomic_save_png(folder / f"{r.id}.png", mask)
+        bar.update(len(group))
+    bar.close()
+    unreadable = _unreadable(cfg)
+    log(f"stage 06: masks of {ROW_LABELS[row]} for all {len(records)} readable images in {folder}"
+        + (f"; no mask for {len(unreadable)} unreadable file(s): "
+           + ", ".join(Path(u["file"]).name for u in unreadable) if unreadable else ""))
+    return {"row": row, "folder": f"{STAGE}/masks/{row}", "n_images": len(records),
+            "images": {r.id: {"mask": rel(r.id), "image": str(r.image), "split": r.split}
+                       for r in records}, "unreadable": unreadable}
+
+
+def _unreadable(cfg) -> list[dict]:
+    """The files stage 01 could not decode (dataset.on_corrupt=skip), with the reason."""
+    path = Path(cfg.run_dir) / "01_attention_maps" / "summary.json"
+    skipped = read_json(path).get("skipped_images", []) if path.exists() else []
+    return [{"file": f, "reason": why} for f, why in skipped]
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -163,9 +163,9 @@ def _row_masks(cfg, image_id: str) -> dict:
     06_evaluation/predictions, the direct rows from stages 02 and 04)."""
     from fgbg_utils.stages import evaluation as se
 
-    frame = se._frames(cfg, [image_id])[image_id]
-    out = {"M_pre": se._mpre(cfg, image_id, frame), "M_crop": se._stage04(cfg, image_id, frame, "m_crop"),
-           "M": se._stage04(cfg, image_id, frame, "refined")}
+    frame = se.frames_of(cfg, [image_id])[image_id]
+    out = {"M_pre": se.mpre_original(cfg, image_id, frame), "M_crop": se.stage04_original(cfg, image_id, frame, "m_crop"),
+           "M": se.stage04_original(cfg, image_id, frame, "refined")}
     pred_root = Path(cfg.run_dir) / "06_evaluation" / "predictions"
     for row in se.ROWS:
         f = pred_root / row / f"{image_id}.png"
