@@ -102,6 +102,7 @@ class SegmentationParams(SegSettings, Section):
     rows: list[SegRow] = P(list(SEG_ROWS), "U-Net rows of Table 2 to train")
     protocol: Literal["full", "center_crop"] = P("full", "full (original size) or center_crop (the official crop)")
     detector_area: float = P(0.01, "object-free check: supervised U-Net area below this")
+    workers: Union[int, Literal["auto"]] = P("auto", "U-Nets trained at once, each in a single-thread process (auto: 2 on a CPU, 0 on a GPU; 0: one after another in this process)")
 
 
 class EvaluationParams(Section):

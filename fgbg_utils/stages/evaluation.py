@@ -18,7 +18,7 @@ from fgbg_utils.io import atomic_save_png, atomic_save_safetensors, atomic_write
 from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, open_stage, update_stage
 from fgbg_utils.training.config import SegSettings
 from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop,
-                                        resolve_device, train_segnet)
+                                        resolve_device, train_many, train_segnet)
 
 STAGE = "06_evaluation"
 STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
@@ -81,12 +81,13 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
               "M_crop": lambda i: stage04_original(cfg, i, frames[i], "m_crop"),
               "M": lambda i: stage04_original(cfg, i, frames[i], "refined")}
     sets = _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, result)
+    trained = train_or_load(cfg, out, sets, log, progress)
     models = {}
     for row in ROWS:
         if row in direct:
             scorer.score_masks(row, direct[row])
         elif row in sets:
-            model, info = _train_or_load(cfg, out, row, *sets[row], log, progress)
+            model, info = trained[row]
             result["training"][row] = info
             models[row] = model
             scorer.score_model(row, model, out / "predictions" / row)
@@ -148,27 +149,53 @@ def _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, 
 
 
 # ----------------------------------------------------------------------------- training
-def _train_or_load(cfg, out: Path, row: str, images, masks, log, progress):
+def workers(cfg) -> int:
+    """segmentation.workers; auto: 2 single-thread processes on a CPU, in-process on a GPU."""
+    w = cfg.segmentation.workers
+    if w == "auto":
+        return 0 if resolve_device(cfg.device).type == "cuda" else 2
+    return int(w)
+
+
+def train_or_load(cfg, out: Path, sets: dict, log, progress) -> dict:
+    """{row: (model, info)}: saved networks are loaded; the others are trained, in parallel
+    single-thread processes when `segmentation.workers` > 0."""
+    import shutil
+    import time
+
     from safetensors.torch import load_file
 
     scfg = seg_config(cfg)
-    weights, info_path = out / "models" / f"{row}.safetensors", out / "models" / f"{row}.json"
-    if weights.exists() and info_path.exists():
-        model = build_model(scfg)
-        model.load_state_dict(load_file(str(weights)))
-        return model.to(resolve_device(scfg.device)).eval(), read_json(info_path)
-    import shutil
-    import time
-    shutil.rmtree(out / "masks" / row, ignore_errors=True)  # masks of earlier weights
+    paths = {row: (out / "models" / f"{row}.safetensors", out / "models" / f"{row}.json") for row in sets}
+    done, todo = {}, []
+    for row, (weights, info_path) in paths.items():
+        if weights.exists() and info_path.exists():
+            model = build_model(scfg)
+            model.load_state_dict(load_file(str(weights)))
+            done[row] = (model.to(resolve_device(scfg.device)).eval(), read_json(info_path))
+        else:
+            todo.append(row)
+            shutil.rmtree(out / "masks" / row, ignore_errors=True)  # masks of earlier weights
+    if not todo:
+        return done
+    n = workers(cfg)
+    for row in todo:
+        log(f"stage 06: training {ROW_LABELS[row]} on {len(sets[row][0])} images ({scfg.steps} steps)"
+            + (f", {min(n, len(todo))} at a time in single-thread processes" if n else ""))
     t0 = time.time()
-    log(f"stage 06: training {ROW_LABELS[row]} on {len(images)} images ({scfg.steps} steps)")
-    model, curve = train_segnet(images, masks, scfg, log=log, progress=progress)
-    info = {"n_images": len(images), "steps": scfg.steps, "seconds": round(time.time() - t0, 1),
-            "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])), "loss_curve": curve,
-            "config": scfg.to_dict(), "seed": scfg.seed}
-    atomic_save_safetensors(weights, model.state_dict())
-    atomic_write_json(info_path, info)
-    return model, info
+    if n:
+        results = train_many({row: sets[row] for row in todo}, scfg, n, log)
+    else:
+        results = {row: train_segnet(*sets[row], scfg, log=log, progress=progress) for row in todo}
+    for row, (model, curve) in results.items():
+        info = {"n_images": len(sets[row][0]), "steps": scfg.steps,
+                "seconds": round(time.time() - t0, 1), "workers": n,
+                "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])),
+                "loss_curve": curve, "config": scfg.to_dict(), "seed": scfg.seed}
+        atomic_save_safetensors(paths[row][0], model.state_dict())
+        atomic_write_json(paths[row][1], info)
+        done[row] = (model, info)
+    return done
 
 
 # ----------------------------------------------------------------------------- the product

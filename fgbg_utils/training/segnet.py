@@ -248,8 +248,14 @@ def train_segnet(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg:
 
     Returns the last model (eval mode, on cfg.device) and the per-step training loss curve.
     `log`, if given, receives a one-line message every cfg.log_every steps and at the end."""
+    return train_prepared(prepare_training_data(images, masks, cfg.size), cfg, log, progress)
+
+
+def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig,
+                   log: Callable[[str], None] | None = None, progress: bool = False
+                   ) -> tuple[UNet, list[float]]:
+    """`train_segnet` on pairs already resized by `prepare_training_data`."""
     dev = resolve_device(cfg.device)
-    data = prepare_training_data(images, masks, cfg.size)
     model = build_model(cfg).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if cfg.lr_schedule not in ("constant", "cosine"):
@@ -342,3 +348,31 @@ def predict_center_crop(model: nn.Module, images: Sequence[np.ndarray],
         probs = _probabilities(model, torch.stack(crops), cfg)
         preds.extend(p.numpy() > cfg.threshold for p in probs)
     return preds, gts
+
+
+def _train_in_worker(data, cfg_dict: dict):
+    torch.set_num_threads(1)
+    model, curve = train_prepared(data, SegConfig(**cfg_dict))
+    return {k: v.cpu() for k, v in model.state_dict().items()}, curve
+
+
+def train_many(jobs: dict, cfg: SegConfig, workers: int, log: Callable[[str], None] | None = None
+               ) -> dict:
+    """{name: (images, masks)} -> {name: (model, curve)}, each network in its own single-thread
+    process, `workers` at a time (the results do not depend on `workers`)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    prepared = {name: prepare_training_data(im, m, cfg.size) for name, (im, m) in jobs.items()}
+    out = {}
+    with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_train_in_worker, data, cfg.model_dump())
+                   for name, data in prepared.items()}
+        for name, fut in futures.items():
+            state, curve = fut.result()
+            model = build_model(cfg)
+            model.load_state_dict(state)
+            out[name] = (model.to(resolve_device(cfg.device)).eval(), curve)
+            if log is not None:
+                log(f"segnet {name}: {cfg.steps} steps, final loss {curve[-1]:.4f}")
+    return out
