@@ -33,7 +33,11 @@ from fgbg_utils.core import attention, models, tokens
 from fgbg_utils.core import seeds as seeds_mod
 from fgbg_utils.core.binarize import binarize
 from fgbg_utils.core.frame import Frame, canvas_to_original, image_to_canvas, make_frame
+from fgbg_utils.core.inpaint import inpaint_background, make_inpaint_pipeline, vae_roundtrip
 from fgbg_utils.core.models import LDM
+from fgbg_utils.core.refine import (difference_map, m_crop_fill, optional_postprocess, refine_mask,
+                                    upsample_mask)
+from fgbg_utils.core.synthesis import sample_guided
 
 BACKGROUND_PROMPT = "a photo of a background"
 
@@ -372,18 +376,6 @@ class FgBgPipeline:
         M = M_pre,up ∧ GMM(d); plus the M_crop baseline. guidance_scale > 1 contrasts y_b against
         y_f (`prompt_f`, default the masks' prompt) as stage 04 does. Seeds per image from
         (seed, ids[i]) as in stage 04 (ids default to the masks' ids)."""
-        from fgbg_utils.core.inpaint import (
-            inpaint_background,
-            make_inpaint_pipeline,
-            vae_roundtrip,
-        )
-        from fgbg_utils.core.refine import (
-            difference_map,
-            m_crop_fill,
-            optional_postprocess,
-            refine_mask,
-            upsample_mask,
-        )
 
         tuned = self._need_tuned("refine")
         if reference not in ("roundtrip", "original"):
@@ -437,7 +429,6 @@ class FgBgPipeline:
         """ε̂ = ε(y_b) + s·(ε(y_f) − ε(y_b)) DDIM samples (synthesis.sample_guided). Give `n`
         (seeds derived from `seed`) or explicit `seeds`. Uses m' when loaded (`finetuned=None`),
         else m; `finetuned=True/False` forces one."""
-        from fgbg_utils.core.synthesis import sample_guided
 
         if (n is None) == (seeds is None):
             raise ValueError("give either n (number of samples) or seeds (one per sample)")

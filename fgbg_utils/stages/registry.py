@@ -72,10 +72,13 @@ def ancestors(number: str) -> list[str]:
     return sorted(seen)
 
 
-def _imports(path: Path) -> set[Path]:
-    """The package modules a file imports (absolute `fgbg_utils.` imports, also inside functions)."""
+def _imports(path: Path, lazy: bool) -> set[Path]:
+    """The package modules a file imports (absolute `fgbg_utils.` imports; with `lazy`, also those
+    inside functions)."""
+    tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree) if lazy else tree.body
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         names = []
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fgbg_utils"):
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
@@ -92,14 +95,17 @@ def _imports(path: Path) -> set[Path]:
 
 @lru_cache(maxsize=None)
 def source_files(number: str) -> tuple[Path, ...]:
-    """The method sources a stage's outputs depend on: its module's import closure."""
+    """The method sources a stage's outputs depend on: everything its module imports (also inside
+    its functions), then what those import at module level. Upstream stages add their own (the
+    run folder fingerprints the chain), so a lazy import inside the pipeline (e.g. the trainer)
+    counts only for the stages that call it."""
     start = PACKAGE / "stages" / f"{STAGES[number].module}.py"
-    seen, todo = set(), [start]
+    seen, todo = {start}, list(_imports(start, lazy=True))
     while todo:
         f = todo.pop()
         if f not in seen:
             seen.add(f)
-            todo.extend(_imports(f) - seen)
+            todo.extend(_imports(f, lazy=False) - seen)
     return tuple(sorted(seen))
 
 
