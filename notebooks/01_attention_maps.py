@@ -22,7 +22,7 @@
 #
 # $$\hat M = \frac{1}{T_0\,|L|}\sum_{t=1}^{T_0}\sum_{l} \psi_{z_{t},l}[\,\cdot\,, \text{object}].$$
 #
-# How this notebook computes it (METHOD §2.1):
+# How this notebook computes it (docs/method.md §2.1):
 # 1. Put the image in the **canonical frame** (long edge to the model's resolution $R$, pad with black)
 #    and encode it: $z_0 = s\cdot\mathcal E(x)$.
 # 2. For each of the $T_0$ lowest steps of the 50-step DDIM grid, noise the *clean* latent afresh,
@@ -111,7 +111,7 @@ fig = wt.image_and_maps(canvas, {f"ψ, t = {t.item()}\n{explorers._short_layer(n
 
 # %% [markdown]
 # **$\hat M$**: `pipe.attention_maps` does the same for the $T_0$ lowest levels (one batched call),
-# every layer and every object token, averages them and min-max normalises the result (METHOD §2.1).
+# every layer and every object token, averages them and min-max normalises the result (docs/method.md §2.1).
 
 # %%
 maps = pipe.attention_maps(image, cfg.object, cfg.prompt, parts=cfg.parts, T0=cfg.T0, seed=cfg.seed,

@@ -10,7 +10,7 @@
 # # 03 · Concept distillation: teach the model to paint *background*
 #
 # The pretrained model $m$ knows the object; to remove it from an image we need a model that paints
-# **plausible background**. Fine-tuning $m \to m'$ mixes two jobs (METHOD §2.3):
+# **plausible background**. Fine-tuning $m \to m'$ mixes two jobs (docs/method.md §2.3):
 #
 # * with probability $p = 0.5$ a **full image** with $y_f$ = *"a photo of a {object}"* (mask = 1);
 # * otherwise a **background rectangle** with $y_b$ = *"a photo of a background"*: a random box of

@@ -10,7 +10,7 @@
 # # 05 · Synthesis: new image/mask pairs from the fine-tuned model
 #
 # The fine-tuned $m'$ knows essentially two prompts, $y_f$ and $y_b$, so guidance runs from background
-# toward foreground (METHOD §2.5):
+# toward foreground (docs/method.md §2.5):
 #
 # $$\hat\varepsilon=\varepsilon_\theta(z_t,y_b)+s\,\big(\varepsilon_\theta(z_t,y_f)-\varepsilon_\theta(z_t,y_b)\big).$$
 #

@@ -10,7 +10,7 @@
 # # 06 · Evaluation: the paper's Table 2 on your data
 #
 # The purpose of the method is a segmentation model trained **without mask labels**. A from-scratch
-# U-Net (METHOD §2.6: DoubleConv blocks, max-pool downs, transposed-conv ups with skips; BCE on the
+# U-Net (docs/method.md §2.6: DoubleConv blocks, max-pool downs, transposed-conv ups with skips; BCE on the
 # soft label, Adam, a fixed number of steps, the last weights; joint crop + flip augmentation) is
 # trained on
 #

@@ -1,4 +1,4 @@
-"""Cross-attention capture (METHOD §2.1, §6 "Attention capture") on two UNet layouts: a fresh random
+"""Cross-attention capture (docs/method.md §2.1, §6 "Attention capture") on two UNet layouts: a fresh random
 toy model (`toy.build_models()`) and the tiny SD-v1-shaped fixture (tests/fixtures/tiny-sd)."""
 import math
 from pathlib import Path

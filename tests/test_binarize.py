@@ -1,4 +1,4 @@
-"""Tests for fgbg_utils.core.binarize (METHOD §2.2)."""
+"""Tests for fgbg_utils.core.binarize (docs/method.md §2.2)."""
 import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture

@@ -1,4 +1,4 @@
-"""Inpainting for refinement (METHOD §2.4, §6): latent mask = M_pre, known region kept,
+"""Inpainting for refinement (docs/method.md §2.4, §6): latent mask = M_pre, known region kept,
 determinism, batch independence, contrast guidance. Tiny models, 3 DDIM steps."""
 from __future__ import annotations
 

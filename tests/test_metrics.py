@@ -1,4 +1,4 @@
-"""Tests for fgbg_utils.core.metrics (METHOD §2.6)."""
+"""Tests for fgbg_utils.core.metrics (docs/method.md §2.6)."""
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score

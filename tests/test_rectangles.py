@@ -1,4 +1,4 @@
-"""Tests for fgbg_utils.core.rectangles (METHOD §2.3): rectangle sampler and masked ε-loss."""
+"""Tests for fgbg_utils.core.rectangles (docs/method.md §2.3): rectangle sampler and masked ε-loss."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Tests for fgbg_utils.core.refine (METHOD §2.4): difference map, refinement, M_crop, post-processing."""
+"""Tests for fgbg_utils.core.refine (docs/method.md §2.4): difference map, refinement, M_crop, post-processing."""
 import numpy as np
 import pytest
 

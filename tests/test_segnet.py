@@ -1,4 +1,4 @@
-"""The evaluation segmentation U-Net (METHOD §2.6): shapes, joint augmentation, determinism, and
+"""The evaluation segmentation U-Net (docs/method.md §2.6): shapes, joint augmentation, determinism, and
 that it can fit a tiny fixed set."""
 import os
 

@@ -1,4 +1,4 @@
-"""Concept-guided DDIM sampling (METHOD §2.5) on a random toy LDM."""
+"""Concept-guided DDIM sampling (docs/method.md §2.5) on a random toy LDM."""
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,4 +1,4 @@
-"""Object-word positions found with the model's own tokenizer (METHOD §2.1 "Tokens"): the vendored
+"""Object-word positions found with the model's own tokenizer (docs/method.md §2.1 "Tokens"): the vendored
 tiny CLIP BPE tokenizer of tests/fixtures/tiny-sd and the toy word-level tokenizer."""
 from pathlib import Path
 

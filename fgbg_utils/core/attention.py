@@ -1,4 +1,4 @@
-"""Cross-attention capture (METHOD §2.1, §6): a diffusers attention processor on the `attn2`
+"""Cross-attention capture (docs/method.md §2.1, §6): a diffusers attention processor on the `attn2`
 (cross-attention) layers only, keeping the head-mean softmax probabilities of the object token
 columns; self-attention keeps its stock SDPA processor. All noise levels of an image go through one
 batched UNet call (chunked to `batch_rows`)."""

@@ -1,4 +1,4 @@
-"""Binarization of soft maps (METHOD §2.2): 2-component GMM midpoint + orphan filter."""
+"""Binarization of soft maps (docs/method.md §2.2): 2-component GMM midpoint + orphan filter."""
 from __future__ import annotations
 
 import warnings

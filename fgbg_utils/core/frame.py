@@ -1,4 +1,4 @@
-"""The canonical frame (METHOD §2.0): every map lives on one size×size canvas.
+"""The canonical frame (docs/method.md §2.0): every map lives on one size×size canvas.
 
 The image is resized so that its long edge is ``size`` (short side rounded to a multiple of
 ``multiple``), then padded bottom/right with black. The valid box is rows [0, h), cols [0, w).

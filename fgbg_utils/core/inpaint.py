@@ -1,4 +1,4 @@
-"""Inpainting m'(z̃₀, y_b) for the refinement step (METHOD §2.4, Eq. 5–6; §6 "Inpainting").
+"""Inpainting m'(z̃₀, y_b) for the refinement step (docs/method.md §2.4, Eq. 5–6; §6 "Inpainting").
 
 We use diffusers' ``StableDiffusionInpaintPipeline`` built from the fine-tuned **4-channel**
 text-to-image UNet. With a 4-channel UNet the pipeline does *latent blending* of the known

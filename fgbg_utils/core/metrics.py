@@ -1,4 +1,4 @@
-"""Streaming evaluation metrics (METHOD §2.6, §5.2): int64 counts and histograms, never pixel lists."""
+"""Streaming evaluation metrics (docs/method.md §2.6, §5.2): int64 counts and histograms, never pixel lists."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -14,7 +14,7 @@ def _div(num: float, den: float, empty: float = 1.0) -> float:
 class SegmentationMeter:
     """Pooled confusion counts plus per-image foreground IoU and Dice, and the IoU of boxes: the
     tight box around the prediction vs the tight box around the ground truth, or, with
-    gt_is_boxes=True (datasets annotated with boxes, METHOD §4), vs the ground-truth box image
+    gt_is_boxes=True (datasets annotated with boxes, docs/method.md §4), vs the ground-truth box image
     itself (the union of the annotated boxes)."""
 
     def __init__(self, gt_is_boxes: bool = False) -> None:

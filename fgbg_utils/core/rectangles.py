@@ -1,10 +1,10 @@
-"""Background-rectangle sampler and masked ε-loss for fine-tuning (METHOD §2.3).
+"""Background-rectangle sampler and masked ε-loss for fine-tuning (docs/method.md §2.3).
 
 Edge convention (unit-tested): the two sampled corners (y0, x0) and (y1, x1) are background
 pixels and the box is INCLUSIVE of both corners, i.e. rows min(y0, y1) .. max(y0, y1) and cols
 min(x0, x1) .. max(x0, x1), so h = |y1 - y0| + 1 and w = |x1 - x0| + 1.
 
-A box is rejected (exactly METHOD §2.3) if
+A box is rejected (exactly docs/method.md §2.3) if
   w <= min_side or h <= min_side;  w*h < min_area;  w > max_both_side and h > max_both_side;
   w*h > max_area;  (background pixels in box) / (w*h) < min_bg_fraction.
 The first accepted candidate in draw order wins; all ``attempts`` candidates are drawn at once
@@ -78,7 +78,7 @@ def accept_boxes(
 def sample_rectangle(
     background: np.ndarray, rng: np.random.Generator, rules: RectRules = RectRules()
 ) -> tuple[np.ndarray, str, Box | None]:
-    """Sample a background rectangle mask (METHOD §2.3).
+    """Sample a background rectangle mask (docs/method.md §2.3).
 
     Returns (mask, kind, box):
       * "empty":    fewer than 2 background pixels → all-False mask, box None;
@@ -132,7 +132,7 @@ LOSS_NORMS = ("latent", "mask")
 
 
 def masked_eps_loss(pred, target, mask, norm: str = "latent"):
-    """Masked ε-prediction MSE (METHOD §2.3), averaged over the batch.
+    """Masked ε-prediction MSE (docs/method.md §2.3), averaged over the batch.
 
     pred, target: (B, C, H, W); mask: (B, 1, H, W) or (B, C, H, W), broadcast to C channels.
       * "latent": Σ (m ⊙ (target − pred))² / (C·H·W) per sample (official code);

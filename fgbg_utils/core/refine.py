@@ -1,4 +1,4 @@
-"""Refinement M = M_pre,up ∧ g(|x − x̂|) and the M_crop baseline (METHOD §2.4). Pure numpy.
+"""Refinement M = M_pre,up ∧ g(|x − x̂|) and the M_crop baseline (docs/method.md §2.4). Pure numpy.
 
 All maps share the canonical frame (§2.0): x, x̂, M_pre,up, valid and M are (H, W[, 3]) arrays
 on the same canvas.
@@ -102,7 +102,7 @@ def _reflect(k: np.ndarray, n: int) -> np.ndarray:
 def m_crop_fill(
     x: np.ndarray, m_pre_up: np.ndarray, valid: np.ndarray | None = None
 ) -> np.ndarray:
-    """M_crop baseline x̂ (METHOD §2.4): mirror the largest background strip onto the object.
+    """M_crop baseline x̂ (docs/method.md §2.4): mirror the largest background strip onto the object.
 
     1. Bounding box of M_pre,up ∧ valid; strips are restricted to the bounding box of
        ``valid`` (the canonical-frame valid box).

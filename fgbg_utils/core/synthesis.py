@@ -1,4 +1,4 @@
-"""Stage (e), synthesis with concept guidance (METHOD §2.5): a short DDIM loop of our own.
+"""Stage (e), synthesis with concept guidance (docs/method.md §2.5): a short DDIM loop of our own.
 
 The fine-tuned model m' knows essentially two prompts, y_f and y_b, and guidance runs from the
 background toward the foreground:

@@ -1,6 +1,6 @@
 """Dataset records, robust image/mask loading, and the toy dataset writer.
 
-Layouts (METHOD §4):
+Layouts (docs/method.md §4):
 * "folder" (also "toy"): ``root/images/<id>.<ext>``, optional ``root/masks/<id>.png``,
   optional ``root/split.csv`` (``id,split``) and ``root/captions.csv`` (``id,caption``).
   Without split.csv, splits come from a seeded permutation of the sorted ids.

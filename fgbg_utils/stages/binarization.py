@@ -1,5 +1,5 @@
 """Stage 02: M̂ -> M_pre with a seeded 2-component GMM, midpoint threshold and orphan filter
-(METHOD §2.2), and the metrics against ground truth when it exists."""
+(docs/method.md §2.2), and the metrics against ground truth when it exists."""
 from __future__ import annotations
 
 from pathlib import Path

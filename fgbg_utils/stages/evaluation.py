@@ -1,4 +1,4 @@
-"""Stage 06: the evaluation of the paper's Table 2 (METHOD §2.6). Segmentation U-Nets trained on
+"""Stage 06: the evaluation of the paper's Table 2 (docs/method.md §2.6). Segmentation U-Nets trained on
 (D, M_pre), D_s = (D, M), D_s ∪ D'_s and, for reference, on ground truth; each is scored on the
 held-out split beside the direct masks M_pre, M_crop and M. The best label-free U-Net's masks of
 every image (the method's product, with or without ground truth) go to masks/<row>/<id>.png."""

@@ -1,4 +1,4 @@
-"""Stage 03: concept-distillation fine-tuning m -> m' (METHOD §2.3) on the training split, with
+"""Stage 03: concept-distillation fine-tuning m -> m' (docs/method.md §2.3) on the training split, with
 the background rectangles chosen from M_pre of stage 02."""
 from __future__ import annotations
 
