@@ -41,14 +41,16 @@ def requested_processes() -> int:
         return 1
     if any(k in env for k in DISTRIBUTED_ENV):
         return 1
+    from fgbg_utils.runs.run_folder import StageError
+
     args = _launcher_args()
     if args is None:
-        raise RuntimeError("this process was started by `accelerate launch` with several processes, "
+        raise StageError("this process was started by `accelerate launch` with several processes, "
                            "but accelerate ran it once and its --num_processes could not be read. "
                            "Start the workers with torchrun instead: `torchrun --standalone "
                            "--nproc-per-node N -m fgbg_utils stage ...`.")
     if (args.num_machines or 1) > 1:
-        raise RuntimeError("`accelerate launch --num_machines > 1` without a GPU launcher or "
+        raise StageError("`accelerate launch --num_machines > 1` without a GPU launcher or "
                            "--mpirun_hostfile runs one process; start each machine with torchrun.")
     return max(1, int(args.num_processes or 1))
 
@@ -72,7 +74,10 @@ def _launcher_args():
 
 def relaunch(n: int) -> int:
     """Run this very command line as n processes under torch's elastic launcher (which stops all of
-    them when one fails); returns its exit status. The run lock's token is inherited."""
+    them when one fails); returns its exit status. The run lock's token is inherited; SIGINT and
+    SIGTERM are passed on (the launcher then stops its workers)."""
+    import signal
+
     import torch
 
     env = dict(os.environ)
@@ -80,7 +85,36 @@ def relaunch(n: int) -> int:
         env["ACCELERATE_USE_CPU"] = "true"  # accelerate then uses gloo (also for stage 03's Accelerator)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "--no-python", *sys.orig_argv]
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+    forward = lambda sig, _frame: proc.send_signal(sig)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG), so a killed launch
+    leaves no worker writing into the run folder (torchrun starts workers in their own sessions)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def ensure_workers() -> None:
+    """Under `accelerate launch --num_processes N` whose simple launcher started this process
+    alone (no GPUs): run the command as N processes and exit with their status. Call it before
+    any work (the CLI may call it first thing; `Shards` calls it too)."""
+    n = requested_processes()
+    if n > 1:
+        raise SystemExit(relaunch(n))
 
 
 class Shards:
@@ -88,9 +122,9 @@ class Shards:
 
     @cached_property
     def state(self):
-        n = requested_processes()
-        if n > 1:
-            raise SystemExit(relaunch(n))
+        ensure_workers()
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of torchrun: stop when it stops
+            die_with_parent()
         import torch
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
