@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from fgbg_utils.core import attention, models, tokens
 from fgbg_utils.core.frame import Frame
@@ -78,7 +77,8 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     check_pretrained(cfg.model.path)
     shards = Shards()
     out_dir, force = open_sharded(cfg, "01", force, shards)
-    records, skipped = load_dataset(cfg, check=False)
+    with shards.main_first():  # the main process writes the toy world when it is not cached yet
+        records, skipped = load_dataset(cfg, check=False)
     pipe = pipe or load_pipeline(cfg)
     ldm = pipe.ldm
     words = cfg.words
@@ -88,9 +88,10 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     rows = attention.resolve_batch_rows(cfg.attention.batch_rows, ldm.unet, ldm.latent_size)
     by_id = {r.id: r for r in records}
     batches = groups([r.id for r in records], rows // n_levels(cfg))
-    todo = [g for g in batches if force or any(not map_path(cfg, i).exists() for i in g)]
+    todo = shards.on_main(lambda: [g for g in batches
+                                   if force or any(not map_path(cfg, i).exists() for i in g)])
     mine = shards.mine(todo)
-    bar = tqdm(total=sum(map(len, mine)), desc="01 attention maps", unit="img", disable=not progress)
+    bar = shards.bar(sum(map(len, mine)), "01 attention maps", "img", progress)
     for group in mine:
         good, images, sizes, bad = read_images([by_id[i] for i in group], ldm.resolution,
                                                cfg.dataset.on_corrupt)
@@ -104,7 +105,7 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
         bar.update(len(group))
     bar.close()
     shards.wait()
-    bad_all = _gather(shards, skipped) if shards.count > 1 else skipped
+    bad_all = shards.gather(skipped)
     if not shards.is_main:
         return {}
     done = [r for r in records if map_path(cfg, r.id).exists()]
@@ -122,11 +123,6 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     atomic_write_json(out_dir / "summary.json", summary)
     update_stage(cfg, "01", complete=True, n_images=len(done))
     return summary
-
-
-def _gather(shards, items):
-    from accelerate.utils import gather_object
-    return gather_object(items)
 
 
 def save_maps(cfg, maps, sizes=None) -> None:

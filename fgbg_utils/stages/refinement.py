@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from fgbg_utils.core import metrics as M
 from fgbg_utils.core.frame import canvas_to_original
@@ -42,9 +41,10 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     pipe = pipe or load_pipeline(cfg, finetuned=True)
     records = {r.id: r for r in processed_records(cfg)}
     batches = groups(list(records), cfg.refinement.batch_size)
-    todo = [g for g in batches if force or any(not out_path(cfg, "refined", i).exists() for i in g)]
+    todo = shards.on_main(lambda: [g for g in batches if force or any(
+        not out_path(cfg, "refined", i).exists() for i in g)])
     mine = shards.mine(todo)
-    bar = tqdm(total=sum(map(len, mine)), desc="04 refinement", unit="img", disable=not progress)
+    bar = shards.bar(sum(map(len, mine)), "04 refinement", "img", progress)
     for group in mine:
         images = [load_image(records[i].image, max_side=pipe.resolution) for i in group]
         res = refine_images(cfg, pipe, images, group, [load_mpre(cfg, i) for i in group])

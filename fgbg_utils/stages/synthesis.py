@@ -76,9 +76,9 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     `pipe`: an FgBgPipeline already holding m and this run's m'."""
     shards = Shards()
     scfg = cfg.synthesis
-    n = n_images(cfg)
+    n = shards.on_main(lambda: n_images(cfg))
     pipe = pipe or load_pipeline(cfg)  # m first: the disk budget is checked before anything is written
-    disk = check_disk_budget(cfg, n, pipe.resolution, pipe.ldm.latent_size) if shards.is_main else None
+    disk = shards.on_main(lambda: check_disk_budget(cfg, n, pipe.resolution, pipe.ldm.latent_size))
     root, force = open_sharded(cfg, "05", force, shards)
     if pipe.tuned is None:
         pipe = pipe.with_finetuned(Path(cfg.run_dir) / "03_finetuning")
@@ -115,14 +115,13 @@ def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progr
     """Sample the images of `ids` not yet in `folder` (one PNG each, written atomically). Batches
     are fixed slices of `ids`, and a batch with any missing image is sampled whole, so a resumed
     or sharded run computes every image in the same batch as the first run: the same bits."""
-    from tqdm.auto import tqdm
-
     from fgbg_utils.core.synthesis import sample_guided
 
     bs = cfg.synthesis.batch_size
-    chunks = [c for c in groups(ids, bs) if any(not (folder / f"{i}.png").exists() for i in c)]
+    chunks = shards.on_main(lambda: [c for c in groups(ids, bs)
+                                     if any(not (folder / f"{i}.png").exists() for i in c)])
     chunks = shards.mine(chunks)
-    bar = tqdm(total=sum(map(len, chunks)), desc=desc, unit="img", disable=not progress or not chunks)
+    bar = shards.bar(sum(map(len, chunks)), desc, "img", progress and bool(chunks))
     for chunk in chunks:
         images, _ = sample_guided(ldm, y_f, y_b, s, [seeds.derive_seed(cfg.seed, stream, i) for i in chunk],
                                   steps=cfg.synthesis.steps, batch_size=bs)
@@ -136,17 +135,16 @@ def _sample_missing(cfg, ldm, folder: Path, ids, y_f, y_b, s, stream: str, progr
 def _masks_of_synthetic(cfg, pipe, ids, progress, shards) -> list[str]:
     """D'_m by the same steps as the real images (M̂ with m, the GMM, refinement with m'), in
     memory, in fixed groups of `refinement.batch_size`; exports D'_m, D'_f and D'_b per image."""
-    from tqdm.auto import tqdm
-
     from fgbg_utils.data.datasets import load_image
     from fgbg_utils.stages.refinement import refine_images
 
     root = stage_root(cfg)
-    todo = [g for g in groups(ids, cfg.refinement.batch_size)
-            if any(not (root / "backgrounds" / f"{i}.png").exists() for i in g)]
+    todo = shards.on_main(lambda: [g for g in groups(ids, cfg.refinement.batch_size)
+                                   if any(not (root / "backgrounds" / f"{i}.png").exists() for i in g)])
     degenerate = []
     mine = shards.mine(todo)
-    for group in tqdm(mine, desc="05 D'_m", unit="batch", disable=not progress or not mine):
+    bar = shards.bar(len(mine), "05 D'_m", "batch", progress and bool(mine))
+    for group in mine:
         images = [load_image(root / "dataset" / "images" / f"{i}.png") for i in group]
         maps = pipe.attention_maps(images, cfg.object, cfg.prompt, cfg.parts, cfg.T0, cfg.seed, group,
                                    cfg.attention.grid_steps, cfg.attention.latent,
@@ -162,7 +160,9 @@ def _masks_of_synthetic(cfg, pipe, ids, progress, shards) -> list[str]:
             atomic_save_png(root / "dataset" / "masks" / f"{i}.png", mask)
             atomic_save_png(root / "foregrounds" / f"{i}.png", rgba)
             atomic_save_png(root / "backgrounds" / f"{i}.png", background)  # last: marks the id done
-    return degenerate
+        bar.update(1)
+    bar.close()
+    return shards.gather(degenerate)
 
 
 def _write_split(root: Path, ids) -> None:
