@@ -74,6 +74,8 @@ def main(argv=None) -> int:
             print(metrics_table(run_dir))
         elif args.cmd == "stage":
             from fgbg_utils.runs.params import load_params
+            from fgbg_utils.stages.common import ensure_workers
+            ensure_workers()  # accelerate's launcher on a machine without GPUs starts one process
             from fgbg_utils.stages.registry import stage_module
             cfg = load_params(args.params, args.sets, run_dir=args.out)
             stage_module(args.number).run(cfg, force=args.force)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fgbg_utils.core import models
-from fgbg_utils.stages.common import processed_records
+from fgbg_utils.stages.common import Shards, open_sharded, processed_records
 from fgbg_utils.data.datasets import load_image
 from fgbg_utils.training.config import FinetuneSettings
 from fgbg_utils.training.finetune import FinetuneConfig, train
@@ -16,7 +16,7 @@ from fgbg_utils.core.frame import image_to_canvas
 from fgbg_utils.runs.params import resolved_prompt
 from fgbg_utils.core import seeds
 from fgbg_utils.io import atomic_write_json
-from fgbg_utils.runs.run_folder import locked_stage, metrics_path, open_stage, update_stage
+from fgbg_utils.runs.run_folder import locked_stage, metrics_path, update_stage
 from fgbg_utils.stages.binarization import load_mpre
 
 STAGE = "03_finetuning"
@@ -50,11 +50,13 @@ def training_items(cfg, ldm) -> list:
 @locked_stage("03")
 def run(cfg, force: bool = False, progress: bool = True) -> dict:
     fcfg = finetune_config(cfg)  # validates max_train_steps & co. before any work
-    out, force = open_stage(cfg, "03", force)
-    if force:
+    shards = Shards()
+    out, force = open_sharded(cfg, "03", force, shards)
+    if force and shards.is_main:
         for sub in ("checkpoints", "unet", "lora"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "fgbg_finetune.json").unlink(missing_ok=True)
+    shards.wait()
     ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, "float32", config=cfg.model.config)
     items = training_items(cfg, ldm)
     summary = train(ldm, items, fcfg, out, resume=True, progress=progress)
