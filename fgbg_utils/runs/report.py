@@ -136,29 +136,12 @@ def table2_chart(metrics: dict) -> str | None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
+    from fgbg_utils.views.evaluation_views import table2_bars
 
-    keys = [k for k in ROWS if k in metrics.get("rows", {})]
-    if not keys:
+    fig = table2_bars(metrics)
+    if fig is None:
         return None
-    ours = [100 * metrics["rows"][k]["iou"] for k in keys]
-    paper = [metrics.get("paper_cub_iou", {}).get(k) for k in keys]
-    y = np.arange(len(keys))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(keys) + 1.4))
-    ax.barh(y - 0.2, ours, 0.4, label="this run (IoU %)", color="tab:blue")
-    ax.barh(y + 0.2, [p if p is not None else 0 for p in paper], 0.4, label="paper, CUB (IoU %)",
-            color="0.7")
-    for yi, v in zip(y, ours):
-        ax.text(v + 0.5, yi - 0.2, f"{v:.1f}", va="center", fontsize=7)
-    ax.set_yticks(y, [ROW_LABELS[k] for k in keys])
-    ax.invert_yaxis()
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("foreground IoU (%)")
-    ax.set_title("Table 2: foreground IoU on the evaluation split", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
-    fig.tight_layout()
     buf = io.StringIO()
     with plt.rc_context({"svg.fonttype": "path", "svg.hashsalt": "fgbg"}):
         fig.savefig(buf, format="svg", metadata={"Date": None})

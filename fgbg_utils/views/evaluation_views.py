@@ -97,16 +97,23 @@ def table(cfg) -> str:
 def table2_figure(cfg):
     """Stage 06's foreground IoU per row (this run) beside the paper's CUB IoU (Table 2), as
     horizontal bars; None (with a message) when no row was scored."""
-    from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
-
-    m = read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json")
-    keys = [k for k in ROWS if k in m["rows"]]
-    if not keys:
+    fig = table2_bars(read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json"))
+    if fig is None:
         from fgbg_utils.views.gallery import no_ground_truth
         no_ground_truth("no row of Table 2 could be scored, so there is no chart")
+    return fig
+
+
+def table2_bars(metrics: dict):
+    """The Table 2 bar chart from stage 06's metrics dict (the notebook and the report draw it);
+    None when no row was scored."""
+    from fgbg_utils.stages.evaluation import ROW_LABELS, ROWS
+
+    keys = [k for k in ROWS if k in metrics.get("rows", {})]
+    if not keys:
         return None
-    ours = [100 * m["rows"][k]["iou"] for k in keys]
-    paper = [m.get("paper_cub_iou", {}).get(k) for k in keys]
+    ours = [100 * metrics["rows"][k]["iou"] for k in keys]
+    paper = [metrics.get("paper_cub_iou", {}).get(k) for k in keys]
     y = np.arange(len(keys))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(keys) + 1.4))
     ax.barh(y - 0.2, ours, 0.4, label="this run (IoU %)", color="tab:blue")
