@@ -26,7 +26,7 @@ def P(default, doc: str, **kw):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, validate_default=True)
 
 
 SegRow = Literal["unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised"]
