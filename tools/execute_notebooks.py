@@ -30,6 +30,21 @@ def tidy(nb) -> None:
             else:
                 cell.outputs.append(o)
     nb.metadata.pop("widgets", None)
+    relative_paths(nb)
+
+
+ROOT = str(Path(__file__).resolve().parents[1]) + "/"
+
+
+def relative_paths(nb) -> None:
+    """Outputs name files relative to the project root: no machine paths in stored notebooks."""
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if "text" in o:
+                o.text = o.text.replace(ROOT, "")
+            for key, value in o.get("data", {}).items():
+                if isinstance(value, str) and key.startswith("text/"):
+                    o.data[key] = value.replace(ROOT, "")
 
 
 def execute(path: Path, timeout: int = 3600) -> None:
@@ -41,6 +56,12 @@ def execute(path: Path, timeout: int = 3600) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--paths-only"]:  # tidy paths of stored notebooks without running them
+        for name in sys.argv[2:]:
+            nb = nbformat.read(name, as_version=4)
+            relative_paths(nb)
+            nbformat.write(nb, name)
+        raise SystemExit(0)
     for name in sys.argv[1:]:
         print(f"executing {name} ...", flush=True)
         execute(Path(name))
