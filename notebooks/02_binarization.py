@@ -35,14 +35,10 @@ interactive = True               # widgets when a browser is attached
 
 # %%
 # %matplotlib inline
-from fgbg_utils.runs.notebook import NotebookError, notebook_config
+from fgbg_utils.runs.notebook import notebook_config
 from fgbg_utils.views import explorers, gallery, plots
 from fgbg_utils.views import walkthrough as wt
-try:
-    cfg = notebook_config(globals(), stage="02")
-except NotebookError as missing:  # the one-image walkthrough below needs no run folder
-    cfg = notebook_config(globals())
-    print(f"{missing}\nThe walkthrough runs now; the dataset cells below need those stages.")
+cfg = notebook_config(globals(), stage="02", missing="warn")  # the walkthrough needs no run
 
 # %% [markdown]
 # ## Walkthrough: one image, in memory

@@ -38,15 +38,11 @@ interactive = True               # widgets when a browser is attached
 
 # %%
 # %matplotlib inline
-from fgbg_utils.runs.notebook import NotebookError, notebook_config
+from fgbg_utils.runs.notebook import notebook_config
 import numpy as np
 from fgbg_utils.views import plots
 from fgbg_utils.views import walkthrough as wt
-try:
-    cfg = notebook_config(globals(), stage="03")
-except NotebookError as missing:  # the one-image walkthrough below needs no run folder
-    cfg = notebook_config(globals())
-    print(f"{missing}\nThe walkthrough runs now; the dataset cells below need those stages.")
+cfg = notebook_config(globals(), stage="03", missing="warn")  # the walkthrough needs no run
 
 # %% [markdown]
 # ## Walkthrough: one image, in memory

@@ -36,15 +36,11 @@ interactive = True               # widgets when a browser is attached
 
 # %%
 # %matplotlib inline
-from fgbg_utils.runs.notebook import NotebookError, notebook_config
+from fgbg_utils.runs.notebook import notebook_config
 from fgbg_utils.views import evaluation_views as views
 from fgbg_utils.views import explorers
 from fgbg_utils.views import walkthrough as wt
-try:
-    cfg = notebook_config(globals(), stage="05")
-except NotebookError as missing:  # the one-image walkthrough below needs no run folder
-    cfg = notebook_config(globals())
-    print(f"{missing}\nThe walkthrough runs now; the dataset cells below need those stages.")
+cfg = notebook_config(globals(), stage="05", missing="warn")  # the walkthrough needs no run
 
 # %% [markdown]
 # ## Walkthrough: one seed across the guidance scale, in memory

@@ -41,13 +41,9 @@ interactive = True               # widgets when a browser is attached
 # %%
 # %matplotlib inline
 from IPython.display import Markdown, display
-from fgbg_utils.runs.notebook import NotebookError, notebook_config
+from fgbg_utils.runs.notebook import notebook_config
 from fgbg_utils.views import evaluation_views as views
-try:
-    cfg = notebook_config(globals(), stage="06")
-except NotebookError as missing:  # every cell below reads the run folder
-    cfg = notebook_config(globals())
-    print(f"{missing}\nThe cells below need those stages.")
+cfg = notebook_config(globals(), stage="06", missing="warn")  # the row table below needs no run
 
 # %% [markdown]
 # ## What Table 2's rows are

@@ -87,7 +87,7 @@ def test_one_parameters_cell_then_notebook_config(path):
     assert names == {"params_file", "run_dir", "force", "interactive"}
     assert 'params_file = "params/toy.yaml"' in cells[k].source and 'run_dir = "runs/toy"' in cells[k].source
     assert "-p" in cells[k].source and "-f" in cells[k].source
-    assert f'notebook_config(globals(), stage="{path.name[:2]}")' in cells[k + 1].source
+    assert f'notebook_config(globals(), stage="{path.name[:2]}"' in cells[k + 1].source
     # later cells must not shadow a parameter name: notebook_config reads them from the namespace
     for cell in cells[k + 1:]:
         source = "\n".join(line for line in cell.source.splitlines() if not line.startswith("%"))

@@ -239,10 +239,12 @@ def namespace_overrides(namespace: dict) -> dict:
     return out
 
 
-def notebook_config(namespace: dict, stage: str | None = None, quiet: bool = True):
+def notebook_config(namespace: dict, stage: str | None = None, quiet: bool = True,
+                    missing: str = "raise"):
     """The validated parameters of a stage notebook (see the module doc), with its setup done:
     library messages quietened, figures small, clear messages for missing inputs. `stage`
-    ("01".."06") also checks that the stages it reads are complete, before any work."""
+    ("01".."06") also checks that the stages it reads are complete, before any work: missing=
+    "raise" stops with the notebooks to run first, "warn" prints them and goes on."""
     if quiet:
         quiet_libraries()
     _set_figures()
@@ -260,9 +262,12 @@ def notebook_config(namespace: dict, stage: str | None = None, quiet: bool = Tru
     if overrides:
         print(f"parameters: {params_file} with {', '.join(sorted(overrides))} from the notebook")
     if stage is not None:
-        missing = missing_stages(cfg, stage)
-        if missing:
-            raise NotebookError(run_first(missing, cfg), missing)
+        absent = missing_stages(cfg, stage)
+        if absent and missing == "warn":  # the notebook's one-image walkthrough needs no run folder
+            print(f"{run_first(absent, cfg)}\nThe walkthrough runs now; the dataset cells need "
+                  f"those stages.")
+        elif absent:
+            raise NotebookError(run_first(absent, cfg), absent)
     return cfg
 
 
