@@ -193,6 +193,7 @@ def prediction_explorer(cfg, interactive: bool = True):
     from fgbg_utils.data.loader import load_dataset
     from fgbg_utils.data.datasets import load_image, load_mask
     from fgbg_utils.stages.evaluation import ROW_LABELS
+    from fgbg_utils.views import explorers
 
     m = read_json(Path(cfg.run_dir) / "metrics" / "06_evaluation.json")
     if not m["rows"]:
@@ -209,7 +210,7 @@ def prediction_explorer(cfg, interactive: bool = True):
         i = image.value
         img = load_image(records[i].image)
         masks = _row_masks(cfg, i)
-        with out:
+        with explorers._REDRAW_LOCK, plt.ioff(), out:
             out.clear_output(wait=True)
             panels = [("image", img), ("ground truth", load_mask(records[i].mask, img.shape[:2]))]
             panels += [(f"{ROW_LABELS[k]} {m['rows'][k]['per_image_iou'].get(i, float('nan')):.2f}", v)
@@ -219,7 +220,7 @@ def prediction_explorer(cfg, interactive: bool = True):
                 ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
                 ax.set_title(title, fontsize=7)
                 ax.axis("off")
-            plt.show()
+            explorers.show_figure(fig)
 
     image.observe(redraw, names="value")
     redraw()

@@ -11,6 +11,8 @@ plus a thin widget wrapper around it.
 """
 from __future__ import annotations
 
+import io
+import threading
 from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
@@ -33,6 +35,26 @@ def use_widgets(interactive: bool) -> bool:
     return bool(getattr(kernel, "_allow_stdin", False))
 
 
+# Widget callbacks. JupyterLab >= 4.4 sends comm messages on a kernel subshell (its
+# "commsOverSubshells" setting), so two threads handle widget messages, and ipykernel fires
+# `post_execute` after each, where the inline backend's `flush_figures` shows (and closes) every
+# pyplot figure queued while interactive: a figure still being built in the other thread came out
+# blank or half drawn. So figures are built with pyplot non-interactive (never queued), rendered
+# explicitly and closed, one redraw at a time.
+_REDRAW_LOCK = threading.RLock()
+
+
+def show_figure(fig) -> None:
+    """Display `fig` as a PNG and close it. Renders this one figure explicitly instead of
+    `plt.show()`, which renders and closes every open pyplot figure (not thread-safe)."""
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    display(Image(data=buf.getvalue(), format="png"))
+
+
 def _show_widget(controls, draw):
     """Lay out the controls above an Output that `draw()` (returning a figure) refills."""
     import ipywidgets as W
@@ -41,11 +63,11 @@ def _show_widget(controls, draw):
     out = W.Output()
 
     def redraw(*_):
-        with out:
+        with _REDRAW_LOCK, plt.ioff(), out:
             out.clear_output(wait=True)
             fig = draw()
             if fig is not None:
-                plt.show()
+                show_figure(fig)
 
     for c in controls:
         c.observe(redraw, names="value")
@@ -58,7 +80,8 @@ def _slider(options: list[str], description: str):
 
     return W.SelectionSlider(options=[(o, k) for k, o in enumerate(options)], value=0,
                              description=description, continuous_update=False,
-                             style={"description_width": "110px"}, layout=W.Layout(width="520px"))
+                             style={"description_width": "110px"}, layout=W.Layout(width="520px"),
+                             disabled=len(options) < 2)  # one option: shown, but nothing to move
 
 
 # ----------------------------------------------------------------------------- attention
