@@ -54,7 +54,7 @@ $(LAB_INSTALLED): requirements-lab.txt $(INSTALLED)
 	touch $@
 
 lab: $(LAB_INSTALLED)
-	cd notebooks && ../$(BIN)/jupyter lab
+	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 lint: $(TEST_INSTALLED)
 	$(BIN)/python -m ruff check notebooks/

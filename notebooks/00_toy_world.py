@@ -35,12 +35,13 @@
 # guidance), AdamW, warm-up + cosine, batch 32, gradient clipping, an EMA of the UNet. Each part is
 # time-boxed: the step count is planned from the measured step time.
 #
-# Set `train = True` to retrain (about 75 min on one CPU core; `python -m fgbg_utils train-toy` does
-# the same from a shell). With `train = False` the notebook shows the shipped model.
+# Set `train = True` to retrain: about 78 min of one CPU thread for the whole recipe (VAE 10, phase 1
+# 20, phase 2 48 min; the shipped snapshot was reached after 49 min), plus the selection runs;
+# `python -m fgbg_utils train-toy` does the same from a shell. With `train = False` the notebook shows the shipped model.
 
 # %% tags=["parameters"]
 # With train = False the notebook shows the shipped model; True retrains it with the recipe that
-# made it (about 80 min of one CPU thread; `python -m fgbg_utils train-toy` does the same from a shell).
+# made it (about 78 min of one CPU thread, see above).
 train = False                          # True: train a new toy model into out_dir
 out_dir = "../runs/toy-ldm-retrained"  # where a retrained model goes (copy to models/toy-ldm to ship)
 work_dir = "../runs/toy-ldm-work"      # phase 1, phase-2 snapshots and the validation runs
