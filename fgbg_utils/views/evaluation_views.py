@@ -210,7 +210,7 @@ def prediction_explorer(cfg, interactive: bool = True):
         i = image.value
         img = load_image(records[i].image)
         masks = _row_masks(cfg, i)
-        with explorers._REDRAW_LOCK, plt.ioff(), out:
+        with explorers.REDRAW_LOCK, plt.ioff(), out:
             out.clear_output(wait=True)
             panels = [("image", img), ("ground truth", load_mask(records[i].mask, img.shape[:2]))]
             panels += [(f"{ROW_LABELS[k]} {m['rows'][k]['per_image_iou'].get(i, float('nan')):.2f}", v)

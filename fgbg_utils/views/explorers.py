@@ -41,7 +41,7 @@ def use_widgets(interactive: bool) -> bool:
 # pyplot figure queued while interactive: a figure still being built in the other thread came out
 # blank or half drawn. So figures are built with pyplot non-interactive (never queued), rendered
 # explicitly and closed, one redraw at a time.
-_REDRAW_LOCK = threading.RLock()
+REDRAW_LOCK = threading.RLock()
 
 
 def show_figure(fig) -> None:
@@ -63,7 +63,7 @@ def _show_widget(controls, draw):
     out = W.Output()
 
     def redraw(*_):
-        with _REDRAW_LOCK, plt.ioff(), out:
+        with REDRAW_LOCK, plt.ioff(), out:
             out.clear_output(wait=True)
             fig = draw()
             if fig is not None:
