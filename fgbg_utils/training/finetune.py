@@ -45,13 +45,7 @@ Choices (ours, [I]):
   * LoRA mode (a cheaper deviation [I], report it as one): checkpoints store only the LoRA
     weights (plus optimizer/EMA state), not the frozen base UNet.
 
-Output folder ``out_dir``::
-
-    checkpoints/step_000200/   accelerate.save_state (model/LoRA, optimizer, EMA, RNG) +
-                               fgbg_state.json; written to .tmp_step_* then renamed; last 2 kept
-    unet/                      full mode: EMA UNet (save_pretrained, safetensors)
-    lora/                      LoRA mode: adapter_model.safetensors + adapter_config.json
-    fgbg_finetune.json         written last: its presence marks a finished export
+The output folder's layout is described in `training.checkpoints`.
 
 `Accelerator` keeps process-wide state: inside one Python process (a notebook) every run must use
 the same ``mixed_precision``; restart the kernel to change it.
