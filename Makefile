@@ -9,9 +9,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# passive OpenMP waits keep parallel jobs from spinning; one thread per process (the toy LDM's
-# fine-tuning steps run faster on one thread than on two here, stage 06 trains its U-Nets in two
-# single-thread processes, and no result depends on the thread count: see the README)
+# passive OpenMP waits keep parallel jobs from spinning; one thread per process (the runner runs
+# the stages' work as single-thread jobs on two worker processes, `--jobs auto`, and the outputs
+# are those of a one-process, one-thread run: see the README)
 export OMP_WAIT_POLICY ?= PASSIVE
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1

@@ -124,3 +124,17 @@ def test_cosine_schedule_differs_from_constant_and_bad_names_fail():
     assert const[0] == cos[0] and const[1:] != cos[1:]  # same first step (factor 1), then decays
     with pytest.raises(ValueError, match="lr_schedule(.|\n)*'linear'"):
         segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=2, lr_schedule="linear"))
+
+
+def test_bf16_autocast_is_deterministic_close_to_float32_and_still_learns():
+    images, masks, _, _ = toy.generate_arrays(4, seed=0, size=32, background_fraction=0.0)
+    fp32 = _tiny_cfg()
+    bf16 = _tiny_cfg(mixed_precision="bf16")
+    _, c32 = segnet.train_segnet(list(images), list(masks), fp32)
+    m1, c1 = segnet.train_segnet(list(images), list(masks), bf16)
+    m2, c2 = segnet.train_segnet(list(images), list(masks), bf16)
+    assert c1 == c2 and c1 != c32  # autocast is on, and repeatable
+    assert all(p.dtype == torch.float32 for p in m1.parameters())  # weights stay float32
+    assert abs(c1[0] - c32[0]) < 0.02 and np.mean(c1[-10:]) < 0.5 * np.mean(c1[:10])
+    with pytest.raises(ValueError):
+        _tiny_cfg(mixed_precision="fp8")

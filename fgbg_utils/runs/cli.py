@@ -15,6 +15,9 @@ def main(argv=None) -> int:
     r.add_argument("--stages", help="comma-separated stage numbers, e.g. 01,02 (default: all)")
     r.add_argument("--out", help="run folder (default: run_dir of the params file)")
     r.add_argument("--force", action="store_true", help="recompute finished outputs")
+    r.add_argument("--jobs", default="auto", help="worker processes: the stages' work runs as a graph "
+                   "of jobs on them, then the notebooks show it (auto: 2 on a CPU, 1 on a GPU; 1: "
+                   "the notebooks compute, in order)")
     st = sub.add_parser("stage", help="run one stage's function directly (no notebook); e.g. "
                         "`accelerate launch -m fgbg_utils stage 03 params/cub.yaml --out runs/cub` "
                         "fine-tunes on several GPUs")
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "run":
             from fgbg_utils.runs.runner import metrics_table, run
-            run_dir = run(args.params, args.sets, args.stages, args.out, args.force)
+            run_dir = run(args.params, args.sets, args.stages, args.out, args.force, jobs=args.jobs)
             print(f"\nRun folder: {run_dir}\n")
             print(metrics_table(run_dir))
         elif args.cmd == "stage":

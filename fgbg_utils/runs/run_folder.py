@@ -142,13 +142,7 @@ def open_stage(cfg, stage: str, force: bool = False, inputs: tuple[str, ...] | N
     exp = expected(cfg, st.number, inputs)
     recompute = force
     if info_path.exists() and not force:
-        old = read_json(info_path)
-        if old.get("params_fingerprint") != exp.params_fingerprint:
-            changed = _diff(old.get("params", {}), exp.params) + (
-                ["dataset"] if old.get("dataset") != exp.dataset else [])
-            raise StageError(f"{d} holds outputs made with other parameters or data (changed: "
-                             f"{changed}). To recompute them: {rerun_hint(cfg, [st.number], True)}. "
-                             f"Or use another run folder.", missing=[st.number], needs_force=True)
+        old = refuse_other_params(cfg, st.number, inputs)
         if old.get("code_fingerprint") != exp.code_fingerprint:
             changed = _diff(old.get("code", {}), exp.code)
             log(f"[fgbg] stage {st.name}: the method code changed since these outputs were made "
@@ -160,6 +154,28 @@ def open_stage(cfg, stage: str, force: bool = False, inputs: tuple[str, ...] | N
             "params_fingerprint": exp.params_fingerprint, "code_fingerprint": exp.code_fingerprint,
             "params": exp.params, "dataset": exp.dataset, "code": exp.code, "complete": False})
     return d, recompute
+
+
+def refuse_other_params(cfg, stage: str, inputs: tuple[str, ...] | None = None) -> dict:
+    """The stage's stage.json ({} when none); a StageError if it holds outputs made with other
+    parameters or data (recomputing them needs force)."""
+    st = get_stage(stage)
+    d = Path(cfg.run_dir) / st.name
+    if not (d / "stage.json").exists():
+        return {}
+    old, exp = read_json(d / "stage.json"), expected(cfg, st.number, inputs)
+    if old.get("params_fingerprint") != exp.params_fingerprint:
+        changed = _diff(old.get("params", {}), exp.params) + (
+            ["dataset"] if old.get("dataset") != exp.dataset else [])
+        raise StageError(f"{d} holds outputs made with other parameters or data (changed: "
+                         f"{changed}). To recompute them: {rerun_hint(cfg, [st.number], True)}. "
+                         f"Or use another run folder.", missing=[st.number], needs_force=True)
+    return old
+
+
+def stage_problem(cfg, stage: str) -> str | None:
+    """Why a stage's outputs are not finished for this config and code; None when they are."""
+    return _problem(cfg, get_stage(stage).number, Path(cfg.run_dir))
 
 
 def update_stage(cfg, stage: str, **fields) -> None:

@@ -80,9 +80,26 @@ def preflight(cfg, stages=()) -> None:
                           f"give the dataset {split} images, or run --stages without 06.")
 
 
-def run(params_file: str, sets=(), stages: str | None = None, out: str | None = None,
-        force: bool = False, log=print) -> Path:
-    """Validate the parameters (before any work), then execute the stages' notebooks in order."""
+def resolve_jobs(cfg, jobs: int | str | None) -> int:
+    """Worker processes of a run: `auto` is 2 on a CPU with 2 or more cores, 1 on a GPU (its
+    stages batch onto the device instead)."""
+    import os
+
+    from fgbg_utils.training.segnet import resolve_device
+
+    if jobs in (None, "auto"):
+        return 1 if resolve_device(cfg.device).type == "cuda" else min(2, os.cpu_count() or 1)
+    try:
+        n = int(jobs)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ParamsError(f"--jobs {jobs!r}: use a number >= 1 or auto")
+    return n
+
+
+def execute_notebook(name: str, parameters: dict, run_dir: str) -> float:
+    """One stage notebook, executed with papermill into DIR/notebooks/; returns its seconds."""
     import logging
 
     import papermill as pm
@@ -91,7 +108,21 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
 
     # every parameter is passed; the notebooks name only four in their parameters cell
     drop(logging.getLogger("papermill"), "Passed unknown parameter")
+    t0 = time.time()
+    pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(Path(run_dir) / "notebooks" / f"{name}.ipynb"),
+                        parameters=parameters, cwd=str(NOTEBOOKS), progress_bar=False,
+                        request_save_on_cell_execute=True)
+    return time.time() - t0
+
+
+def run(params_file: str, sets=(), stages: str | None = None, out: str | None = None,
+        force: bool = False, log=print, jobs: int | str | None = "auto") -> Path:
+    """Validate the parameters (before any work), then execute the stages' notebooks. With
+    several `jobs`, the stages' work runs as a graph of single-thread jobs (runs/schedule.py) and
+    each notebook, executed once its stage is done, shows it; with one, the notebooks compute it
+    in order. Both give the same bits."""
     cfg = load_params(params_file, sets, run_dir=out)
+    workers = resolve_jobs(cfg, jobs)
     order = parse_stages(stages)
     if any(s != "00" for s in order):
         preflight(cfg, order)
@@ -107,27 +138,93 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
                       "binarization.gmm_seed": cfg.binarization.gmm_seed},
             "versions": package_versions(), "git": git_state(), "force": force, "started": _now()})
         atomic_write_json(manifest_path, manifest)
-        for key in order:
-            name = STAGES[key]
-            log(f"[fgbg] stage {name} ...")
-            t0 = time.time()
-            manifest["stages"][name] = {"status": "running", "started": _now()}
-            atomic_write_json(manifest_path, manifest)
-            try:
-                pm.execute_notebook(
-                    str(NOTEBOOKS / f"{name}.ipynb"), str(run_dir / "notebooks" / f"{name}.ipynb"),
-                    parameters=notebook_parameters(cfg, params_file, force=force) if key != "00" else {},
-                    cwd=str(NOTEBOOKS), progress_bar=False, request_save_on_cell_execute=True)
-            except Exception:
-                manifest["stages"][name].update(status="failed", seconds=round(time.time() - t0, 1))
-                atomic_write_json(manifest_path, manifest)
-                log(f"[fgbg] stage {name} failed; see {run_dir / 'notebooks' / (name + '.ipynb')}")
-                raise
-            manifest["stages"][name].update(status="done", seconds=round(time.time() - t0, 1))
-            manifest["finished"] = _now()
-            atomic_write_json(manifest_path, manifest)
-            log(f"[fgbg] stage {name} done in {time.time() - t0:.0f} s")
+        manifest.pop("jobs", None)
+        book = _Book(run_dir, manifest, log)
+        if "00" in order:
+            _execute_in_order(["00"], {}, book)
+        stage_keys = [k for k in order if k != "00"]
+        if workers > 1 and stage_keys:
+            stage_keys = _execute_parallel(cfg, stage_keys, params_file, workers, force, book)
+        _execute_in_order(stage_keys, notebook_parameters(cfg, params_file, force=force), book)
     return run_dir
+
+
+class _Book:
+    """The manifest's record of each stage notebook (status, start, seconds) and the log lines."""
+
+    def __init__(self, run_dir: Path, manifest: dict, log):
+        self.run_dir, self.manifest, self.log = run_dir, manifest, log
+
+    def save(self) -> None:
+        atomic_write_json(self.run_dir / "manifest.json", self.manifest)
+
+    def start(self, name: str) -> None:
+        self.log(f"[fgbg] stage {name} ...")
+        self.manifest["stages"][name] = {"status": "running", "started": _now()}
+        self.save()
+
+    def finish(self, name: str, seconds: float, error: BaseException | None = None) -> None:
+        self.manifest["stages"][name].update(status="failed" if error else "done", seconds=round(seconds, 1))
+        if not error:
+            self.manifest["finished"] = _now()
+        self.save()
+        self.log(f"[fgbg] stage {name} failed; see {self.run_dir / 'notebooks' / (name + '.ipynb')}"
+                 if error else f"[fgbg] stage {name} done in {seconds:.0f} s")
+
+
+def _execute_in_order(keys, parameters: dict, book: _Book) -> None:
+    """The notebooks of `keys`, one after the other; the first failure is raised."""
+    for name in (STAGES[k] for k in keys):
+        book.start(name)
+        t0 = time.time()
+        try:
+            execute_notebook(name, parameters, str(book.run_dir))
+        except Exception as e:
+            book.finish(name, time.time() - t0, e)
+            raise
+        book.finish(name, time.time() - t0)
+
+
+def _execute_parallel(cfg, keys, params_file, workers: int, force: bool, book: _Book) -> list[str]:
+    """The stages' work as jobs on `workers` processes (runs/schedule.py). Each stage's notebook
+    is executed as soon as its work is done, at the lowest CPU priority: it fills cores the jobs
+    leave idle and then only reads finished outputs. Returns the stages left for the notebooks to
+    compute in order: none, or after a failed job those not shown yet (they resume the work and
+    show the failure)."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fgbg_utils.runs.schedule import precompute
+
+    params = notebook_parameters(cfg, params_file, force=False)
+    shown: dict = {}
+    left: list[str] = []
+    t0 = time.time()
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=os.nice,
+                             initargs=(19,)) as pool:
+        def show(number: str) -> None:
+            book.start(STAGES[number])
+            shown[STAGES[number]] = pool.submit(execute_notebook, STAGES[number], params, str(book.run_dir))
+        try:
+            book.manifest["jobs"] = {"workers": workers,
+                                     "seconds": precompute(cfg, keys, workers, force, book.log, show)}
+        except Exception as e:
+            book.manifest["jobs"] = {"workers": workers, "failed": getattr(e, "job", None),
+                                     "error": (str(e).splitlines() or [type(e).__name__])[0][:500]}
+            book.log(f"[fgbg] job {getattr(e, 'job', '?')} failed; the notebooks of the stages left "
+                     f"run in order and show where")
+            left = [k for k in keys if STAGES[k] not in shown]
+        book.manifest["jobs"]["wall_seconds"] = round(time.time() - t0, 1)
+        errors = []
+        for name, fut in shown.items():
+            error = fut.exception()
+            book.finish(name, 0.0 if error else fut.result(), error)
+            if error:
+                errors.append(error)
+    if errors:
+        raise errors[0]
+    return left
 
 
 METRIC_COLUMNS = ("auc_roc", "acc", "iou", "miou", "iou_per_image", "dice_per_image")

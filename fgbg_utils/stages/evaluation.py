@@ -15,7 +15,9 @@ from fgbg_utils.data.datasets import load_ground_truth, load_image
 from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.data.lazy import LazySequence
 from fgbg_utils.io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, open_stage, update_stage
+from fgbg_utils.runs.run_folder import (StageError, check_inputs, expected, fingerprint, locked_stage,
+                                        metrics_path, open_stage, refuse_other_params, stage_dir,
+                                        update_stage)
 from fgbg_utils.training.config import SegSettings
 from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop,
                                         resolve_device, train_many, train_segnet)
@@ -25,6 +27,9 @@ STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
 ROWS = ("M_pre", "M_crop", "unet_M_pre", "M", "unet_D_s", "unet_D_s_plus_synth", "supervised")
 PAPER_CUB_IOU = {"M_pre": 29.0, "M_crop": 30.7, "unet_M_pre": 66.5, "M": 63.6, "unet_D_s": 75.1,
                  "unet_D_s_plus_synth": 77.2, "supervised": 88.3}
+# the upstream stages each U-Net row trains from (its networks can train as soon as they are done)
+ROW_INPUTS = {"unet_M_pre": ("02",), "unet_D_s": ("04",), "unet_D_s_plus_synth": ("04", "05"),
+              "supervised": ("01",)}
 ROW_LABELS = {"M_pre": "M_pre", "M_crop": "M_crop", "unet_M_pre": "U-Net(D, M_pre)", "M": "M",
               "unet_D_s": "U-Net(D_s)", "unet_D_s_plus_synth": "U-Net(D_s ∪ D'_s)",
               "supervised": "supervised"}
@@ -53,19 +58,19 @@ def _splits(cfg, records=None):
 
 @locked_stage("06")
 def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
-    """Train the requested U-Nets (a finished one is loaded, not retrained) and score all rows."""
+    """Train the requested U-Nets (a network trained from the same inputs, parameters and code is
+    loaded, not retrained) and score all rows. `force` replaces outputs made with other parameters."""
     rows = list(cfg.segmentation.rows)
     inputs = ("02", "04", "05") if "unet_D_s_plus_synth" in rows else ("02", "04")
     _splits(cfg, load_dataset(cfg, check=False)[0])  # an empty split is refused before any work
-    out, force = open_stage(cfg, "06", force, inputs=inputs)
+    out, recompute = open_stage(cfg, "06", force, inputs=inputs)
     train, test = _splits(cfg)
-    if force:
+    if recompute:
         import shutil
-        for sub in ("models", "predictions", "masks"):
+        for sub in ("predictions", "masks"):
             shutil.rmtree(out / sub, ignore_errors=True)
     gt_test, skipped_test = load_ground_truth(test)
-    gt_train, skipped_train = load_ground_truth(train) if "supervised" in rows else ({}, [])
-    frames = frames_of(cfg, [r.id for r in train + test])
+    frames = frames_of(cfg, [r.id for r in test])
     by_id = {r.id: r for r in train + test}
     image_of = lambda i: load_image(by_id[i].image)  # noqa: E731 (images are loaded when used)
     result = {"split": cfg.evaluation.split, "n_train": len(train), "n_test": len(test),
@@ -80,7 +85,7 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     direct = {"M_pre": lambda i: mpre_original(cfg, i, frames[i]),
               "M_crop": lambda i: stage04_original(cfg, i, frames[i], "m_crop"),
               "M": lambda i: stage04_original(cfg, i, frames[i], "refined")}
-    sets = _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, result)
+    sets = _training_sets(cfg, rows, train, result)
     trained = train_or_load(cfg, out, sets, log, progress)
     models = {}
     for row in ROWS:
@@ -105,6 +110,24 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     return result
 
 
+@locked_stage("06")
+def train_rows(cfg, rows, force: bool = False, log=print) -> list[str]:
+    """Train the U-Nets of `rows` now, in this process, from their inputs alone (ROW_INPUTS): the
+    runner starts each as soon as those stages are done, before stage 06 scores them. A network
+    trained from the same inputs, parameters and code is kept unless `force`. Returns the rows
+    with a network (a row that cannot train, e.g. supervised without ground truth, is left out)."""
+    check_inputs(cfg, sorted({n for r in rows for n in ROW_INPUTS[r]}),
+                 f"stage 06 ({', '.join(ROW_LABELS[r] for r in rows)})")
+    if not force:
+        inputs = ("02", "04", "05") if "unet_D_s_plus_synth" in cfg.segmentation.rows else ("02", "04")
+        refuse_other_params(cfg, "06", inputs)
+    train, _ = _splits(cfg)
+    sets = _training_sets(cfg, rows, train, {"skipped_rows": {}})
+    train_or_load(cfg, stage_dir(cfg, "06"), sets, log, progress=False, processes=0,
+                  retrain=set(sets) if force else ())
+    return list(sets)
+
+
 # ----------------------------------------------------------------------------- masks of the run
 def frames_of(cfg, ids) -> dict:
     from fgbg_utils.stages.attention_maps import load_frame
@@ -121,11 +144,13 @@ def stage04_original(cfg, image_id, frame, kind) -> np.ndarray:
     return canvas_to_original(load_refined(cfg, image_id, kind), frame, "mask")
 
 
-def _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, result) -> dict:
+def _training_sets(cfg, rows, train, result) -> dict:
     """{row: (images, masks)} of the requested U-Net rows, as lazy sequences (the U-Net resizes
-    them in one pass); rows that cannot train are listed."""
+    them in one pass); rows that cannot train are listed in `result`."""
     ids = [r.id for r in train]
-    imgs = LazySequence(ids, image_of)
+    by_id = {r.id: r for r in train}
+    imgs = LazySequence(ids, lambda i: load_image(by_id[i].image))
+    frames = frames_of(cfg, ids) if set(rows) - {"supervised"} else {}
     sets = {}
     if "unet_M_pre" in rows:
         sets["unet_M_pre"] = (imgs, LazySequence(ids, lambda i: mpre_original(cfg, i, frames[i])))
@@ -138,9 +163,11 @@ def _training_sets(cfg, rows, train, frames, image_of, gt_train, skipped_train, 
             syn_images, syn_masks = load_pairs(cfg)
             sets["unet_D_s_plus_synth"] = (imgs + syn_images, d_s + syn_masks)
     if "supervised" in rows:
+        gt_train, skipped_train = load_ground_truth(train)
         if gt_train:
             labelled = [i for i in ids if i in gt_train]
-            sets["supervised"] = (LazySequence(labelled, image_of), [gt_train[i] for i in labelled])
+            sets["supervised"] = (LazySequence(labelled, lambda i: load_image(by_id[i].image)),
+                                  [gt_train[i] for i in labelled])
             if skipped_train:
                 result["supervised_train_without_ground_truth"] = [i for i, _ in skipped_train]
         else:
@@ -157,9 +184,18 @@ def workers(cfg) -> int:
     return int(w)
 
 
-def train_or_load(cfg, out: Path, sets: dict, log, progress) -> dict:
-    """{row: (model, info)}: saved networks are loaded; the others are trained, in parallel
-    single-thread processes when `segmentation.workers` > 0."""
+def row_fingerprint(cfg, row: str) -> str:
+    """What a row's network depends on: stage 06's parameters, those of the stages it trains from
+    (ROW_INPUTS) and their upstream, the dataset, and the code of that chain."""
+    exp = expected(cfg, "06", inputs=ROW_INPUTS[row])
+    return fingerprint([exp.params_fingerprint, exp.code_fingerprint])
+
+
+def train_or_load(cfg, out: Path, sets: dict, log, progress, processes: int | None = None,
+                  retrain=()) -> dict:
+    """{row: (model, info)}: a saved network of the same row fingerprint is loaded (unless in
+    `retrain`); the others are trained, in parallel single-thread processes when `processes`
+    (default `segmentation.workers`) > 0."""
     import shutil
     import time
 
@@ -167,9 +203,11 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress) -> dict:
 
     scfg = seg_config(cfg)
     paths = {row: (out / "models" / f"{row}.safetensors", out / "models" / f"{row}.json") for row in sets}
+    prints = {row: row_fingerprint(cfg, row) for row in sets}
     done, todo = {}, []
     for row, (weights, info_path) in paths.items():
-        if weights.exists() and info_path.exists():
+        if (row not in retrain and weights.exists() and info_path.exists()
+                and read_json(info_path).get("fingerprint") == prints[row]):
             model = build_model(scfg)
             model.load_state_dict(load_file(str(weights)))
             done[row] = (model.to(resolve_device(scfg.device)).eval(), read_json(info_path))
@@ -178,7 +216,7 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress) -> dict:
             shutil.rmtree(out / "masks" / row, ignore_errors=True)  # masks of earlier weights
     if not todo:
         return done
-    n = workers(cfg)
+    n = workers(cfg) if processes is None else processes
     for row in todo:
         log(f"stage 06: training {ROW_LABELS[row]} on {len(sets[row][0])} images ({scfg.steps} steps)"
             + (f", {min(n, len(todo))} at a time in single-thread processes" if n else ""))
@@ -191,7 +229,8 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress) -> dict:
         info = {"n_images": len(sets[row][0]), "steps": scfg.steps,
                 "seconds": round(time.time() - t0, 1), "workers": n,
                 "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])),
-                "loss_curve": curve, "config": scfg.to_dict(), "seed": scfg.seed}
+                "loss_curve": curve, "config": scfg.to_dict(), "seed": scfg.seed,
+                "fingerprint": prints[row]}
         atomic_save_safetensors(paths[row][0], model.state_dict())
         atomic_write_json(paths[row][1], info)
         done[row] = (model, info)

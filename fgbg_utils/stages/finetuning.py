@@ -15,14 +15,11 @@ from fgbg_utils.training.finetune import FinetuneConfig, train
 from fgbg_utils.core.frame import image_to_canvas
 from fgbg_utils.runs.params import resolved_prompt
 from fgbg_utils.core import seeds
-from fgbg_utils.io import atomic_write_json
+from fgbg_utils.io import atomic_write_json, read_json
 from fgbg_utils.runs.run_folder import locked_stage, metrics_path, update_stage
 from fgbg_utils.stages.binarization import load_mpre
 
 STAGE = "03_finetuning"
-
-
-
 
 
 def finetune_config(cfg) -> FinetuneConfig:
@@ -48,29 +45,47 @@ def training_items(cfg, ldm) -> list:
 
 
 @locked_stage("03")
-def run(cfg, force: bool = False, progress: bool = True) -> dict:
+def run(cfg, force: bool = False, progress: bool = True, evaluate: bool = True) -> dict:
+    """Fine-tune (finished training is reused), then the object-absence check of the samples
+    (`evaluate`; reused when done). Stages 04 and 05 need only the training, so the runner
+    marks the stage done after it and evaluates in parallel with them."""
     fcfg = finetune_config(cfg)  # validates max_train_steps & co. before any work
     shards = Shards()
     out, force = open_sharded(cfg, "03", force, shards)
     if force and shards.is_main:
         for sub in ("checkpoints", "unet", "lora"):
             shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "fgbg_finetune.json").unlink(missing_ok=True)
+        for name in ("fgbg_finetune.json", "samples.npz", "presence_scores.json"):
+            (out / name).unlink(missing_ok=True)
+        metrics_path(cfg, "03").unlink(missing_ok=True)
     shards.wait()
     ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, "float32", config=cfg.model.config)
     items = training_items(cfg, ldm)
-    summary = train(ldm, items, fcfg, out, resume=True, progress=progress)
+    summary = finished_training(out, fcfg) or train(ldm, items, fcfg, out, resume=True, progress=progress)
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under `accelerate launch`: rank 0 evaluates
         return {"training": summary}
     result = {"training": {k: summary.get(k) for k in ("mode", "steps_done", "max_train_steps",
                                                        "kinds", "empty_fraction", "seconds",
                                                        "loss_norm", "loss_curve")}}
-    if cfg.finetune.eval_samples > 0:
+    before = read_json(metrics_path(cfg, "03")) if metrics_path(cfg, "03").exists() else {}
+    if cfg.finetune.eval_samples > 0 and "object_absent" in before and (out / "samples.npz").exists():
+        result["object_absent"] = before["object_absent"]
+    elif cfg.finetune.eval_samples > 0 and evaluate:
         result["object_absent"] = evaluate_samples(cfg, ldm, items, out)
     atomic_write_json(metrics_path(cfg, "03"), result)
     update_stage(cfg, "03", complete=True)
     return result
+
+
+def finished_training(out: Path, fcfg: FinetuneConfig) -> dict | None:
+    """The summary of a training already run to its last step and exported, else None (the run
+    folder's fingerprint guarantees it was made with these parameters and code)."""
+    meta = out / "fgbg_finetune.json"
+    if not meta.exists() or not (out / ("unet" if fcfg.mode == "full" else "lora")).is_dir():
+        return None
+    summary = read_json(meta)
+    return summary if summary.get("steps_done") == fcfg.max_train_steps else None
 
 
 def evaluate_samples(cfg, base, items, out: Path) -> dict:

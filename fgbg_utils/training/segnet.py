@@ -272,7 +272,9 @@ def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig
         idx = batch_indices(cfg.seed, step, cfg.batch_size, len(data))
         x, y = make_batch(data, idx, cfg, step)
         x, y = x.to(dev), y.to(dev)
-        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
