@@ -68,6 +68,7 @@ notebooks: $(TEST_INSTALLED)
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/extraction.py
 	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/runner.py
 
 clean:
 	rm -rf runs .cache

@@ -19,11 +19,12 @@
 # on poorer backgrounds. DDIM, 50 steps, η = 0; every image has its own seed, so a resumed run gives
 # the same images.
 #
-# The whole pipeline then runs again on $D'$ — stage 01 with the **pretrained** $m$, stage 02, and
-# stage 04 with $m'$ — in `DIR/05_synthesis/pipeline/`, giving $D'_m$. $D'_s$ is written in the same
-# folder layout as a real dataset (`dataset/images/`, `dataset/masks/`, `split.csv`), with the
+# The method's steps then run on $D'$ in memory, through the same `FgBgPipeline` — the attention
+# maps of stage 01 with the **pretrained** $m$, the GMM of stage 02, and the refinement of stage 04
+# with $m'$ — giving $D'_m$ (stage 05 needs $m'$, not stage 04's outputs). $D'_s$ is written in the
+# same folder layout as a real dataset (`dataset/images/`, `dataset/masks/`, `split.csv`), with the
 # foreground cut-outs $D'_f = x' \odot D'_m$ (RGBA) and the object-free backgrounds $D'_b$ (the
-# inpaintings of stage 04).
+# inpaintings of the refinement).
 
 # %% tags=["parameters"]
 # Parameters: papermill injects values after this cell. Any top-level key of the params file can

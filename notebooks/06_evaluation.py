@@ -23,11 +23,10 @@
 # pixel ACC, foreground IoU and mIoU $=(IoU_{fg}+IoU_{bg})/2$ as in the paper, per-image mean IoU and
 # Dice (another protocol, not comparable to the pooled numbers), and the IoU of the tight bounding boxes.
 #
-# The toy default is a small U-Net (width 16, depth 3, 64 px, 300 steps, cosine learning rate); the
-# paper's setting (width 64, depth 4, 128 px, 12,000 steps, batch 32, constant lr) is the default of
-# the real-data parameter files. The outputs stored in this notebook come from the cheap settings of
-# its parameters cell (16 + 16 images, 150 steps of a width-8 U-Net); the README has the table of the
-# full default run (`make demo`).
+# The toy default is a small U-Net (width 16, depth 3, 64 px, 300 steps, cosine learning rate, bf16
+# autocast); the paper's setting (width 64, depth 4, 128 px, 12,000 steps, batch 32, constant lr,
+# float32) is the default of the real-data parameter files. The outputs stored in this notebook are
+# those of the default run (`make demo`, `runs/toy`), the README's seed-0 column.
 
 # %% tags=["parameters"]
 # Parameters: papermill injects values after this cell. Any top-level key of the params file can

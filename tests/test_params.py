@@ -77,3 +77,14 @@ def test_shipped_params_are_valid(name):
 def test_override_scientific_notation(tmp_path):
     cfg = load_params(write(tmp_path, {}), ["finetune.learning_rate=3e-5", "object=shape"])
     assert cfg.finetune.learning_rate == 3e-5 and cfg.object == "shape"
+
+
+def test_a_bare_yaml_no_is_the_mixed_precision_no():
+    from fgbg_utils.runs.params import PROJECT_ROOT
+    TOY = PROJECT_ROOT / "params" / "toy.yaml"
+    # YAML reads `no` as false; `mixed_precision: no` in a file or --set means "no"
+    cfg = load_params(TOY, ["segmentation.mixed_precision=no", "finetune.mixed_precision=no"])
+    assert cfg.segmentation.mixed_precision == "no" and cfg.finetune.mixed_precision == "no"
+    assert load_params(TOY, ["segmentation.mixed_precision=bf16"]).segmentation.mixed_precision == "bf16"
+    with pytest.raises(ParamsError, match="segmentation.mixed_precision"):
+        load_params(TOY, ["segmentation.mixed_precision=yes"])

@@ -19,9 +19,6 @@ from fgbg_utils.runs.params import PROJECT_ROOT, SCHEMA, ParamsError, load_param
 from fgbg_utils.runs.run_folder import StageError
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
-# What each stage reads (stage 06 reads 05 only for the U-Net on D_s ∪ D'_s row).
-NEEDS = {"01": (), "02": ("01",), "03": ("02",), "04": ("02", "03"), "05": ("03", "04"),
-         "06": ("02", "04", "05")}
 
 
 class NotebookError(StageError):
@@ -36,17 +33,14 @@ class NotebookError(StageError):
 
 
 def needs(cfg, stage: str) -> list[str]:
-    """The stages `stage` reads, directly or through its inputs (in order)."""
-    out: set[str] = set()
-    todo = list(NEEDS[stage])
+    """The stages `stage` reads, directly or through its inputs (in order; stage 06 reads 05 only
+    for the U-Net on D_s ∪ D'_s)."""
+    from fgbg_utils.stages.registry import STAGES as REGISTRY, ancestors
+
+    direct = list(REGISTRY[stage].inputs)
     if stage == "06" and cfg is not None and "unet_D_s_plus_synth" not in cfg.segmentation.rows:
-        todo.remove("05")
-    while todo:
-        s = todo.pop()
-        if s not in out:
-            out.add(s)
-            todo.extend(NEEDS[s])
-    return sorted(out)
+        direct.remove("05")
+    return sorted({n for d in direct for n in (d, *ancestors(d))})
 
 
 def stage_complete(run_dir: str | Path, stage: str) -> bool:
