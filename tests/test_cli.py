@@ -86,4 +86,5 @@ def test_stage_command_names_the_missing_stage(tmp_path, capsys):
                           "02_binarization, 03_finetuning, 04_refinement, 05_synthesis") in err
     assert "notebooks/03_finetuning.ipynb" in err and "--stages 01,02,03,04,05" in err
     code, err = run_cli(["stage", "05", TOY, "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "03_finetuning" in err and "--stages 01,02,03,04 " in err
+    # stage 05 refines D' in memory: it needs m' (03), not stage 04's outputs
+    assert code == 2 and "03_finetuning" in err and "--stages 01,02,03 " in err and "04_refinement" not in err

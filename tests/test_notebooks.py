@@ -135,12 +135,13 @@ def test_cli_parameters_are_relative_and_reproduce_the_config(tmp_path):
 def test_missing_stages_named_with_notebooks(tmp_path):
     ns = {"params_file": TOY, "run_dir": str(tmp_path), "force": False}
     with pytest.raises(NotebookError) as e:
-        notebook_config(ns, stage="05")
+        notebook_config(ns, stage="06")
     msg = str(e.value)
-    for name in ("01_attention_maps", "02_binarization", "03_finetuning", "04_refinement"):
+    for name in ("01_attention_maps", "02_binarization", "03_finetuning", "04_refinement", "05_synthesis"):
         assert name in msg
-    assert "Run notebooks" in msg and "--stages 01,02,03,04" in msg
-    assert e.value.missing == ["01_attention_maps", "02_binarization", "03_finetuning", "04_refinement"]
+    assert "Run notebooks" in msg and "--stages 01,02,03,04,05" in msg
+    assert e.value.missing == ["01_attention_maps", "02_binarization", "03_finetuning", "04_refinement",
+                               "05_synthesis"]
     # the stage code's CLI hint becomes a notebook hint
     cfg = notebook_config(ns)
     err = StageError("x holds outputs made with other parameters or data (changed: ['T0']). To "

@@ -156,6 +156,7 @@ class _Book:
         self.run_dir, self.manifest, self.log = run_dir, manifest, log
 
     def save(self) -> None:
+        self.manifest["stages"] = dict(sorted(self.manifest["stages"].items()))  # stage order
         atomic_write_json(self.run_dir / "manifest.json", self.manifest)
 
     def start(self, name: str) -> None:
