@@ -29,6 +29,8 @@ def _cfg(tmp_path, name="run", **sets):
 
 def test_the_graph_follows_what_each_step_reads(tmp_path):
     jobs = {j.name: j for j in plan(_cfg(tmp_path), ["01", "02", "03", "04", "05", "06"])}
+    assert jobs["01"].needs == ("01:part0", "01:part1")    # two halves of the image groups, then the summary
+    assert [n for n, j in jobs.items() if not j.force] == ["01", "03-eval"]  # they finish forced work
     assert jobs["05"].needs == ("03",)                     # D' is refined in memory: not 04's outputs
     assert jobs["03-eval"].needs == ("03",)                # the sample check beside 04 and 05
     assert jobs["06:unet_M_pre"].needs == ("02",)          # trains while 03 fine-tunes

@@ -1,7 +1,8 @@
 """Parallel headless runs: the stages' work as a small graph of jobs on N single-thread worker
 processes, before the notebooks show it (they then find every output finished and reuse it).
 
-The graph is finer than the stages where the method allows it: stage 03's sample check runs
+The graph is finer than the stages where the method allows it: stage 01's image groups go in
+two halves (then one job writes its summary), stage 03's sample check runs
 beside stages 04 and 05 (which need only m'), stage 05 beside stage 04, and each stage-06 U-Net
 as soon as the stages it trains from are done (ROW_INPUTS): U-Net(D, M_pre) and the supervised
 one train while stage 03 fine-tunes. A job runs the stage's own function in a single-thread
@@ -15,6 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
 
+from fgbg_utils.runs.run_folder import run_lock
 from fgbg_utils.stages.registry import STAGES
 
 
@@ -24,6 +26,7 @@ class Job:
     stage: str
     needs: tuple[str, ...]    # jobs that must finish first
     cost: float               # rough seconds of the toy run, for the order only
+    force: bool = True        # takes the run's --force (False: finishes what forced jobs made)
 
 
 def plan(cfg, stages) -> list[Job]:
@@ -32,13 +35,15 @@ def plan(cfg, stages) -> list[Job]:
     from fgbg_utils.stages.evaluation import ROW_INPUTS
 
     rows = [r for r in cfg.segmentation.rows if r in ROW_INPUTS]
-    jobs = [Job("01", "01", (), 26), Job("02", "02", ("01",), 2),
-            Job("03", "03", ("02",), 96), Job("03-eval", "03", ("03",), 44),
+    # stage 01's groups in two halves, then the summary (`part`)
+    jobs = [Job("01:part0", "01", (), 14), Job("01:part1", "01", (), 14),
+            Job("01", "01", ("01:part0", "01:part1"), 3, force=False), Job("02", "02", ("01",), 2),
+            Job("03", "03", ("02",), 96), Job("03-eval", "03", ("03",), 44, force=False),
             Job("04", "04", ("02", "03"), 53), Job("05", "05", ("03",), 92)]
     jobs += [Job(f"06:{r}", "06", ROW_INPUTS[r], 80) for r in rows]
     jobs.append(Job("06", "06", ("02", "03-eval", "04", "05", *(f"06:{r}" for r in rows)), 6))
     mine = {j.name for j in jobs if j.stage in stages}
-    return [Job(j.name, j.stage, tuple(n for n in j.needs if n in mine), j.cost)
+    return [Job(j.name, j.stage, tuple(n for n in j.needs if n in mine), j.cost, j.force)
             for j in jobs if j.name in mine]
 
 
@@ -65,7 +70,9 @@ def run_job(name: str, cfg, force: bool) -> float:
     t0 = time.time()
     number, _, part = name.partition(":")
     module = stage_module(number.split("-")[0])
-    if part:
+    if part.startswith("part"):
+        module.run(cfg, force=force, progress=False, part=(int(part[4:]), 2))
+    elif part:
         module.train_rows(cfg, [part], force=force)
     elif number == "03":
         module.run(cfg, force=force, progress=False, evaluate=False)
@@ -109,12 +116,13 @@ def precompute(cfg, stages, workers: int, force: bool = False, log=print,
     if not jobs:
         return {}
     log(f"[fgbg] {len(jobs)} jobs on {workers} single-thread workers: {', '.join(j.name for j in todo)}")
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    # the workers inherit the lock's token: their stages re-enter it
+    with run_lock(cfg.run_dir), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         while (todo and error is None) or running:
             for job in [j for j in todo if all(n in done for n in j.needs)] if error is None else []:
                 if len(running) >= workers:
                     break
-                fut = pool.submit(run_job, job.name, cfg, force and job.name != "03-eval")
+                fut = pool.submit(run_job, job.name, cfg, force and job.force)
                 running[fut] = (job, time.time())
                 todo.remove(job)
             if not running:

@@ -71,9 +71,11 @@ def read_images(records, resolution: int, on_corrupt: str):
 
 
 @locked_stage("01")
-def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
+def run(cfg, force: bool = False, progress: bool = True, pipe=None, part: tuple[int, int] | None = None) -> dict:
     """Compute and save M̂ for every image of the configured splits; finished groups are skipped.
-    `pipe`: an FgBgPipeline already holding the pretrained m of `model.path`."""
+    `pipe`: an FgBgPipeline already holding the pretrained m of `model.path`. `part` = (k, n): only
+    every n-th group to do, from the k-th, and no summary (the runner's parallel jobs; a later
+    full run finds those groups done and writes the summary)."""
     check_pretrained(cfg.model.path)
     shards = Shards()
     out_dir, force = open_sharded(cfg, "01", force, shards)
@@ -91,6 +93,8 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     todo = shards.on_main(lambda: [g for g in batches
                                    if force or any(not map_path(cfg, i).exists() for i in g)])
     mine = shards.mine(todo)
+    if part:
+        mine = mine[part[0]::part[1]]
     bar = shards.bar(sum(map(len, mine)), "01 attention maps", "img", progress)
     for group in mine:
         good, images, sizes, bad = read_images([by_id[i] for i in group], ldm.resolution,
@@ -104,6 +108,8 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
             save_maps(cfg, maps, sizes)
         bar.update(len(group))
     bar.close()
+    if part:
+        return {}
     shards.wait()
     bad_all = shards.gather(skipped)
     if not shards.is_main:
