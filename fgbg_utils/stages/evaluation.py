@@ -56,14 +56,18 @@ def _splits(cfg, records=None):
     return train, test
 
 
+def stage_inputs(cfg) -> tuple[str, ...]:
+    """The stages stage 06 reads: 05 only for the U-Net on D_s ∪ D'_s."""
+    return ("02", "04", "05") if "unet_D_s_plus_synth" in cfg.segmentation.rows else ("02", "04")
+
+
 @locked_stage("06")
 def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     """Train the requested U-Nets (a network trained from the same inputs, parameters and code is
     loaded, not retrained) and score all rows. `force` replaces outputs made with other parameters."""
     rows = list(cfg.segmentation.rows)
-    inputs = ("02", "04", "05") if "unet_D_s_plus_synth" in rows else ("02", "04")
     _splits(cfg, load_dataset(cfg, check=False)[0])  # an empty split is refused before any work
-    out, recompute = open_stage(cfg, "06", force, inputs=inputs)
+    out, recompute = open_stage(cfg, "06", force, inputs=stage_inputs(cfg))
     train, test = _splits(cfg)
     if recompute:
         import shutil
@@ -119,8 +123,7 @@ def train_rows(cfg, rows, force: bool = False, log=print) -> list[str]:
     check_inputs(cfg, sorted({n for r in rows for n in ROW_INPUTS[r]}),
                  f"stage 06 ({', '.join(ROW_LABELS[r] for r in rows)})")
     if not force:
-        inputs = ("02", "04", "05") if "unet_D_s_plus_synth" in cfg.segmentation.rows else ("02", "04")
-        refuse_other_params(cfg, "06", inputs)
+        refuse_other_params(cfg, "06", stage_inputs(cfg))
     train, _ = _splits(cfg)
     sets = _training_sets(cfg, rows, train, {"skipped_rows": {}})
     train_or_load(cfg, stage_dir(cfg, "06"), sets, log, progress=False, processes=0,
