@@ -5,8 +5,8 @@ into a fresh run folder; every output file that holds results must be byte-ident
     python benchmarks/runner.py [--set key=value ...] [--work /tmp/fgbg-runner] [--json OUT]
                                 [--target 0.75] [--full]
 
-By default a reduced toy run (48 + 32 images, 500 fine-tuning steps; the toy world is written
-first and not timed); --full times the default run itself (about 15 minutes for both). Reported:
+By default a reduced toy run (48 + 32 images, 500 fine-tuning steps, 150 U-Net steps; the toy
+world is written first and not timed); --full times the default run itself (about 15 minutes for both). Reported:
 wall seconds of both runs, the ratio jobs2/jobs1 (target <= --target), each job's own seconds, and
 the files that differ (none expected: maps, masks, images, networks, metrics rows).
 """
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
        "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1", "FGBG_RUN_LOCK": ""}
 REDUCED = ["dataset.n_train=48", "dataset.n_test=32", "finetune.max_train_steps=500",
-           "synthesis.n_images=32", "synthesis.sweep_seeds=1"]
+           "finetune.eval_samples=8", "synthesis.n_images=32", "synthesis.sweep_seeds=1",
+           "segmentation.steps=150"]
 RESULTS = ("*.npz", "*.png", "*.safetensors")
 
 
