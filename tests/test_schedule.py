@@ -7,20 +7,14 @@ from pathlib import Path
 import pytest
 
 from fgbg_utils import load_params
-from fgbg_utils.runs.params import PROJECT_ROOT
 from fgbg_utils.runs.run_folder import StageError
 from fgbg_utils.runs.schedule import plan, precompute, priorities
 from fgbg_utils.stages import evaluation as stage_evaluation
 from fgbg_utils.stages.registry import stage_module
+from tests.fixtures.tiny import TINY as SHARED, TOY
 
-TOY = PROJECT_ROOT / "params" / "toy.yaml"
-TINY = {"dataset.n_train": 4, "dataset.n_test": 2, "T0": 5, "attention.sweep": False,
-        "finetune.max_train_steps": 3, "finetune.batch_size": 2, "finetune.eval_samples": 2,
-        "finetune.eval_steps": 2, "refinement.steps": 3,
-        "synthesis.n_images": 3, "synthesis.steps": 3, "synthesis.background_images": 1,
-        "synthesis.sweep_seeds": 1, "synthesis.sweep_scales": [1, 3],
-        "segmentation.size": 32, "segmentation.base_width": 4, "segmentation.depth": 2,
-        "segmentation.steps": 4, "segmentation.batch_size": 2}
+TINY = {**SHARED, "dataset.n_train": 4, "finetune.max_train_steps": 3, "synthesis.background_images": 1,
+        "synthesis.sweep_scales": [1, 3], "segmentation.steps": 4}
 
 
 def _cfg(tmp_path, name="run", **sets):

@@ -14,18 +14,10 @@ from fgbg_utils import load_params
 from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization, evaluation as stage_evaluation, finetuning as stage_finetune, refinement as stage_refinement, synthesis as stage_synthesis
 from fgbg_utils.data.datasets import load_mask, load_records
 from fgbg_utils.core.metrics import SegmentationMeter, box_overlap
-from fgbg_utils.runs.params import PROJECT_ROOT
 from fgbg_utils.runs.report import write_report
 from fgbg_utils.runs.run_folder import StageError
 
-TOY = PROJECT_ROOT / "params" / "toy.yaml"
-TINY = {"dataset.n_train": 3, "dataset.n_test": 2, "T0": 5, "attention.sweep": False,
-        "finetune.max_train_steps": 2, "finetune.batch_size": 2, "finetune.eval_samples": 2,
-        "finetune.eval_steps": 2, "refinement.steps": 3,
-        "synthesis.n_images": 3, "synthesis.steps": 3, "synthesis.background_images": 2,
-        "synthesis.sweep_seeds": 1, "synthesis.sweep_scales": [-2, 1, 3],
-        "segmentation.size": 32, "segmentation.base_width": 4, "segmentation.depth": 2,
-        "segmentation.steps": 3, "segmentation.batch_size": 2}
+from tests.fixtures.tiny import TINY, TOY
 
 
 @pytest.fixture(scope="module")

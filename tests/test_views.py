@@ -9,18 +9,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from fgbg_utils import load_params  # noqa: E402
-from fgbg_utils.runs.params import PROJECT_ROOT  # noqa: E402
 from fgbg_utils.views import evaluation_views, explorers, finetune_views, gallery  # noqa: E402
 from fgbg_utils.views import walkthrough as wt  # noqa: E402
 
-TOY = PROJECT_ROOT / "params" / "toy.yaml"
-TINY = {"dataset.n_train": 3, "dataset.n_test": 2, "T0": 5, "device": "cpu",
-        "finetune.max_train_steps": 2, "finetune.batch_size": 2, "finetune.eval_samples": 2,
-        "finetune.eval_steps": 2, "refinement.steps": 3,
-        "synthesis.n_images": 3, "synthesis.steps": 3, "synthesis.background_images": 2,
-        "synthesis.sweep_seeds": 1, "synthesis.sweep_scales": [-2, 1, 3],
-        "segmentation.size": 32, "segmentation.base_width": 4, "segmentation.depth": 2,
-        "segmentation.steps": 3, "segmentation.batch_size": 2}
+from tests.fixtures.tiny import TINY as SHARED, TOY
+
+TINY = {**SHARED, "attention.sweep": True, "device": "cpu"}  # the T0-sweep figure needs the sweep
 
 
 @pytest.fixture(scope="module")
