@@ -102,6 +102,7 @@ class SegmentationParams(SegSettings, Section):
     rows: list[SegRow] = P(list(SEG_ROWS), "U-Net rows of Table 2 to train")
     protocol: Literal["full", "center_crop"] = P("full", "full (original size) or center_crop (the official crop)")
     detector_area: float = P(0.01, "object-free check: supervised U-Net area below this")
+    synthetic_filter_iou: float = P(0.0, "keep a D'_s pair only if its mask reaches this IoU with U-Net(D_s)'s prediction on the synthetic image (0: keep all) [ours, label-free]", ge=0, le=1)
     workers: Union[int, Literal["auto"]] = P("auto", "U-Nets trained at once, each in a single-thread process (auto: 2 on a CPU, 0 on a GPU; 0: one after another in this process)")
 
 

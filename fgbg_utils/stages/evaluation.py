@@ -89,7 +89,7 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     direct = {"M_pre": lambda i: mpre_original(cfg, i, frames[i]),
               "M_crop": lambda i: stage04_original(cfg, i, frames[i], "m_crop"),
               "M": lambda i: stage04_original(cfg, i, frames[i], "refined")}
-    sets = _training_sets(cfg, rows, train, result)
+    sets = _training_sets(cfg, rows, train, result, out)
     trained = train_or_load(cfg, out, sets, log, progress)
     models = {}
     for row in ROWS:
@@ -125,7 +125,7 @@ def train_rows(cfg, rows, force: bool = False, log=print) -> list[str]:
     if not force:
         refuse_other_params(cfg, "06", stage_inputs(cfg))
     train, _ = _splits(cfg)
-    sets = _training_sets(cfg, rows, train, {"skipped_rows": {}})
+    sets = _training_sets(cfg, rows, train, {"skipped_rows": {}}, stage_dir(cfg, "06"))
     train_or_load(cfg, stage_dir(cfg, "06"), sets, log, progress=False, processes=0,
                   retrain=set(sets) if force else ())
     return list(sets)
@@ -143,7 +143,7 @@ def unet_rows_with_seed(cfg, seed: int, out: Path, log=print, processes: int | N
     gt_test, _ = load_ground_truth(test)
     by_id = {r.id: r for r in train + test}
     image_of = lambda i: load_image(by_id[i].image)  # noqa: E731
-    sets = _training_sets(seeded, list(seeded.segmentation.rows), train, {"skipped_rows": {}})
+    sets = _training_sets(seeded, list(seeded.segmentation.rows), train, {"skipped_rows": {}}, Path(out))
     trained = train_or_load(seeded, Path(out), sets, log, progress=False, processes=processes)
     scorer = _Scorer(seeded, gt_test, image_of)
     for row in ROWS:
@@ -169,7 +169,29 @@ def stage04_original(cfg, image_id, frame, kind) -> np.ndarray:
     return canvas_to_original(load_refined(cfg, image_id, kind), frame, "mask")
 
 
-def _training_sets(cfg, rows, train, result) -> dict:
+def synthetic_pairs(cfg, d_s, out: Path | None, result: dict):
+    """D'_s; with segmentation.synthetic_filter_iou > 0 only the pairs whose mask agrees with the
+    prediction of U-Net(D_s) (same seed, trained or loaded first) on the synthetic image: a
+    label-free check that drops masks which miss or add an object. Records what it kept."""
+    from fgbg_utils.stages.synthesis import load_pairs
+    images, masks = load_pairs(cfg)
+    threshold = cfg.segmentation.synthetic_filter_iou
+    if not threshold:
+        return images, masks
+    if out is None:
+        raise StageError("segmentation.synthetic_filter_iou needs the folder of U-Net(D_s)")
+    model, _ = train_or_load(cfg, out, {"unet_D_s": d_s}, log=lambda *_: None, progress=False,
+                             processes=0)["unet_D_s"]
+    ious = [M.segmentation_metrics([p], [masks[k]])["iou"]
+            for k, p in enumerate(predict(model, images, seg_config(cfg)))]
+    keep = [k for k, v in enumerate(ious) if v >= threshold]
+    result["synthetic_filter"] = {"threshold": threshold, "kept": len(keep), "of": len(ious),
+                                  "iou_with_unet_D_s": [round(v, 4) for v in ious]}
+    pick = lambda seq: LazySequence(keep, lambda k: seq[k])  # noqa: E731
+    return pick(images), pick(masks)
+
+
+def _training_sets(cfg, rows, train, result, out: Path | None = None) -> dict:
     """{row: (images, masks)} of the requested U-Net rows, as lazy sequences (the U-Net resizes
     them in one pass); rows that cannot train are listed in `result`."""
     ids = [r.id for r in train]
@@ -184,8 +206,7 @@ def _training_sets(cfg, rows, train, result) -> dict:
         if "unet_D_s" in rows:
             sets["unet_D_s"] = (imgs, d_s)
         if "unet_D_s_plus_synth" in rows:
-            from fgbg_utils.stages.synthesis import load_pairs
-            syn_images, syn_masks = load_pairs(cfg)
+            syn_images, syn_masks = synthetic_pairs(cfg, (imgs, d_s), out, result)
             sets["unet_D_s_plus_synth"] = (imgs + syn_images, d_s + syn_masks)
     if "supervised" in rows:
         gt_train, skipped_train = load_ground_truth(train)
