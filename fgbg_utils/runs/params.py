@@ -110,6 +110,9 @@ class EvaluationParams(Section):
     ground_truth_kind: Literal["masks", "boxes"] = P("masks", "masks, or boxes (masks/ hold box images: box IoU vs them)")
     auc_bins: int = P(10000, "bins of the streaming AUC-ROC", ge=2)
     figure_images: int = P(8, "images in figure grids", ge=0)
+    grabcut: bool = P(True, "score Table 1's GrabCut baseline (cv2.grabCut from a centred rectangle) as row `grabcut`")
+    grabcut_margin: float = P(0.02, "GrabCut: border outside the start rectangle, a fraction of each side (>= 1 px) [val: 0.02 best of 0.02-0.2; the baselines' papers give none]", ge=0, lt=0.5)
+    grabcut_iterations: int = P(5, "GrabCut iterations [val: 1-10 tie; 5 as in OpenCV's tutorial]", ge=1)
 
 
 class Config(Section):
