@@ -76,9 +76,10 @@ def test_grabcut_row_in_stage_06(tmp_path):
     test = [r for r in processed_records(cfg) if r.split == "test"]
     gt, _ = load_ground_truth(test)
     meter = SegmentationMeter()
+    saved = tmp_path / "run" / "06_evaluation" / "predictions" / "grabcut"
     for r in test:
         pred = grabcut(load_image(r.image), 0.02, 5, seed=0)
-        assert (pred == load_mask_png(tmp_path / "run" / "06_evaluation" / "predictions" / "grabcut" / f"{r.id}.png")).all()
+        assert (pred == load_mask_png(saved / f"{r.id}.png")).all()
         meter.update(pred, gt[r.id])
     expected = meter.result()
     for key in ("acc", "iou", "miou"):
