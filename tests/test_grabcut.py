@@ -1,6 +1,8 @@
 """Table 1's GrabCut baseline: cv2.grabCut from a centred rectangle segments an easy image, is
 deterministic, and is scored in stage 06 like every other row (the row equals the core function
 scored by hand on the test images)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,14 @@ def test_grabcut_row_in_stage_06(tmp_path):
         assert row[key] == pytest.approx(expected[key])
     from fgbg_utils.runs.runner import metrics_table
     assert "GrabCut (stage 06)" in metrics_table(cfg.run_dir)
+    # Table 1's layout with the paper's CUB numbers beside (views/evidence.py, the report's block)
+    from fgbg_utils.runs.report import _table1_html
+    from fgbg_utils.views.evidence import table1
+    text = table1(cfg.run_dir)
+    grab = next(line for line in text.splitlines() if line.startswith("| GrabCut |"))
+    assert grab == (f"| GrabCut | {100 * row['acc']:.1f} | {100 * row['iou']:.1f} | {100 * row['miou']:.1f} "
+                    f"| 72.3 | 36.0 | 52.3* |")
+    assert "| ReDO | not run | not run | not run | 84.5 | 42.6 | – |" in text
+    assert "| Ours, U-Net on D_s | not run" in text  # rows not trained in this run say so
+    block = _table1_html(Path(cfg.run_dir))
+    assert "Table 1" in block and "<td>GrabCut</td>" in block and "margin 0.02" in block
