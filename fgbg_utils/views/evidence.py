@@ -123,7 +123,8 @@ def fid_curve(metrics05: dict | str | Path):
                      xytext=(4, -10), fontsize=7, color="0.35")
     ax2.set_ylabel("FID, paper (CUB)", color="0.45")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
+    ax.set_ylim(bottom=0), ax2.set_ylim(bottom=0)
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper center")
     ax.set_title("FID of D′ against the guidance scale (Fig. 8, Table 3)", fontsize=9)
     fig.tight_layout()
     return fig
