@@ -94,6 +94,9 @@ class SynthesisParams(Section):
     background_guidance: float = P(-2.0, "s of the pure backgrounds (< 0: away from y_f)")
     sweep_scales: list[float] = P([-2, -1, 0, 1, 2, 3, 5, 7.5], "scales of the guidance-sweep figure")
     sweep_seeds: int = P(3, "seeds (rows) of the guidance-sweep figure", ge=0)
+    fid_features: Optional[str] = P("models/toy-features", "FID feature network: a TorchScript Inception-v3 file (NVIDIA's inception-2015-12-05.pt, as clean-fid/StyleGAN use) or a project feature-net folder (toy: models/toy-features); null: no FID")
+    fid_scales: list[float] = P([1, 3, 7.5], "guidance scales s of the FID sweep (the paper's Fig. 8); the run's own s is added")
+    fid_images: int = P(32, "generated images per scale of the FID sweep (the run's own s: the first of D')", ge=2)
     disk_budget_gb: float = P(50.0, "refuse n_images whose outputs could exceed this (raw upper bound; CUB: ~24 GB)")
 
 
@@ -111,6 +114,9 @@ class EvaluationParams(Section):
     ground_truth_kind: Literal["masks", "boxes"] = P("masks", "masks, or boxes (masks/ hold box images: box IoU vs them)")
     auc_bins: int = P(10000, "bins of the streaming AUC-ROC", ge=2)
     figure_images: int = P(8, "images in figure grids", ge=0)
+    grabcut: bool = P(True, "score Table 1's GrabCut baseline (cv2.grabCut from a centred rectangle) as row `grabcut`")
+    grabcut_margin: float = P(0.02, "GrabCut: border outside the start rectangle, a fraction of each side (>= 1 px) [val: 0.02 best of 0.02-0.2 (IoU 0.579 vs 0.464 at 0.05); the baselines' papers give none]", ge=0, lt=0.5)
+    grabcut_iterations: int = P(5, "GrabCut iterations [val: 3, 5 and 10 tie (1 is lower); 5 as in OpenCV's tutorial]", ge=1)
 
 
 class AblationParams(Section):

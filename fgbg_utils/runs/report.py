@@ -224,6 +224,17 @@ def mask_gallery(run_dir: Path, metrics: dict, n: int = GALLERY_SIZE) -> str:
             f"<div class='fgbg-gallery'>{''.join(cells)}</div>{note}")
 
 
+def _table1_html(run_dir: Path) -> str:
+    """Table 1's layout (ACC, IoU, mIoU) with the paper's CUB numbers beside (views/evidence.py)."""
+    path = run_dir / "metrics" / f"{STAGES['06']}.json"
+    if not path.exists():
+        return ""
+    from fgbg_utils.views.evidence import table1_html
+
+    block = table1_html(json.loads(path.read_text()))
+    return f"<h2>Table 1: against unsupervised baselines</h2>{block}" if block else ""
+
+
 def _gallery_html(run_dir: Path) -> str:
     """The mask gallery when stage 06 scored nothing (the dataset has no ground truth)."""
     path = run_dir / "metrics" / f"{STAGES['06']}.json"
@@ -273,7 +284,8 @@ def write_report(run_dir: str | Path) -> Path:
             f".fgbg-gallery img{{margin-right:2px}}</style></head><body>"
             f"<div style='margin:1em'><h1>fgbg run: {name}</h1>"
             f"{_manifest_html(run_dir)}{_chart_html(run_dir)}"
-            f"<h2>Metrics (evaluation split, pooled)</h2>{_table_html(run_dir)}{_gallery_html(run_dir)}"
+            f"<h2>Metrics (evaluation split, pooled)</h2>{_table_html(run_dir)}{_table1_html(run_dir)}"
+            f"{_gallery_html(run_dir)}"
             f"<p>{toc}</p></div>{''.join(parts)}</body></html>")
     out = run_dir / "report.html"
     atomic_write_text(out, page)

@@ -1,6 +1,7 @@
 """Stage 06: the evaluation of the paper's Table 2 (docs/method.md §2.6). Segmentation U-Nets trained on
 (D, M_pre), D_s = (D, M), D_s ∪ D'_s and, for reference, on ground truth; each is scored on the
-held-out split beside the direct masks M_pre, M_crop and M. The best label-free U-Net's masks of
+held-out split beside the direct masks M_pre, M_crop and M, and beside GrabCut (Table 1's
+unsupervised baseline, core/baselines.py; its masks go to predictions/grabcut/). The best label-free U-Net's masks of
 every image (the method's product, with or without ground truth) go to masks/<row>/<id>.png."""
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair
 
 STAGE = "06_evaluation"
 STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
-ROWS = ("M_pre", "M_crop", "unet_M_pre", "M", "unet_D_s", "unet_D_s_plus_synth", "supervised")
-PAPER_CUB_IOU = {"M_pre": 29.0, "M_crop": 30.7, "unet_M_pre": 66.5, "M": 63.6, "unet_D_s": 75.1,
+ROWS = ("grabcut", "M_pre", "M_crop", "unet_M_pre", "M", "unet_D_s", "unet_D_s_plus_synth", "supervised")
+PAPER_CUB_IOU = {"grabcut": 36.0, "M_pre": 29.0, "M_crop": 30.7, "unet_M_pre": 66.5, "M": 63.6, "unet_D_s": 75.1,
                  "unet_D_s_plus_synth": 77.2, "supervised": 88.3}
 # the upstream stages each U-Net row trains from (its networks can train as soon as they are done)
 ROW_INPUTS = {"unet_M_pre": ("02",), "unet_D_s": ("04",), "unet_D_s_plus_synth": ("04", "05"),
               "supervised": ("01",)}
-ROW_LABELS = {"M_pre": "M_pre", "M_crop": "M_crop", "unet_M_pre": "U-Net(D, M_pre)", "M": "M",
+ROW_LABELS = {"grabcut": "GrabCut", "M_pre": "M_pre", "M_crop": "M_crop", "unet_M_pre": "U-Net(D, M_pre)", "M": "M",
               "unet_D_s": "U-Net(D_s)", "unet_D_s_plus_synth": "U-Net(D_s ∪ D'_s)",
               "supervised": "supervised"}
 
@@ -92,6 +93,10 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     sets = _training_sets(cfg, rows, train, result, out)
     trained = train_or_load(cfg, out, sets, log, progress)
     models = {}
+    if cfg.evaluation.grabcut:
+        direct["grabcut"] = grabcut_masks(cfg, image_of, out / "predictions" / "grabcut")
+        result["grabcut"] = {"margin": cfg.evaluation.grabcut_margin,
+                             "iterations": cfg.evaluation.grabcut_iterations, "seed": cfg.seed}
     for row in ROWS:
         if row in direct:
             scorer.score_masks(row, direct[row])
@@ -162,6 +167,25 @@ def frames_of(cfg, ids) -> dict:
 def mpre_original(cfg, image_id, frame) -> np.ndarray:
     from fgbg_utils.stages.binarization import load_mpre
     return canvas_to_original(load_mpre(cfg, image_id), frame, "mask")
+
+
+def grabcut_masks(cfg, image_of, folder: Path):
+    """image id -> GrabCut's mask (Table 1's baseline) at the image's size, from a centred
+    rectangle (evaluation.grabcut_margin, grabcut_iterations; OpenCV's RNG seeded with `seed`).
+    Each mask is saved to `folder`/<id>.png and read back on a rerun (the folder is cleared
+    when the stage recomputes)."""
+    from fgbg_utils.core.baselines import grabcut
+    from fgbg_utils.data.datasets import load_mask
+
+    def mask_of(image_id: str) -> np.ndarray:
+        path = folder / f"{image_id}.png"
+        if path.exists():
+            return load_mask(path)
+        mask = grabcut(image_of(image_id), cfg.evaluation.grabcut_margin,
+                       cfg.evaluation.grabcut_iterations, cfg.seed)
+        atomic_save_png(path, mask)
+        return mask
+    return mask_of
 
 
 def stage04_original(cfg, image_id, frame, kind) -> np.ndarray:
