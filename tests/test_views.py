@@ -165,3 +165,24 @@ def test_no_ground_truth_says_so(run, tmp_path, capsys):
 def test_widgets_only_with_a_browser():
     assert not explorers.use_widgets(False)
     assert not explorers.use_widgets(True)  # no kernel here (as under papermill and nbval)
+
+
+def _panel_pixels(ax) -> np.ndarray:
+    """The RGB pixels an axes' first image shows, rendered through its colour map and scale."""
+    art = ax.get_images()[0]
+    return art.to_rgba(art.get_array(), bytes=True)[..., :3]
+
+
+def test_masks_render_white_when_full_and_black_when_empty():
+    """A full mask is white and an empty one black in every figure that draws masks (imshow's
+    default scale would stretch a constant mask and draw both black)."""
+    full, empty = np.ones((8, 8), bool), np.zeros((8, 8), bool)
+    fig = wt.masks_figure({"full": full, "empty": empty})
+    assert (_panel_pixels(fig.axes[0]) == 255).all() and (_panel_pixels(fig.axes[1]) == 0).all()
+    fig = wt.image_and_maps(np.zeros((8, 8, 3), np.uint8), {}, ground_truth=full)
+    assert (_panel_pixels(fig.axes[1]) == 255).all()
+    fig, _ = explorers.threshold_figure(np.ones((8, 8)), full, 0.0, {}, None)
+    assert (_panel_pixels(fig.axes[1]) == 255).all()
+    fig = evaluation_views._grid([[full, empty]], ["row"])
+    assert (_panel_pixels(fig.axes[0]) == 255).all() and (_panel_pixels(fig.axes[1]) == 0).all()
+    plt.close("all")

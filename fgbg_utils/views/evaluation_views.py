@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from fgbg_utils.io import read_json
+from fgbg_utils.views.walkthrough import show_mask
 
 
 def _grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str] | None = None,
@@ -20,7 +21,7 @@ def _grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[
             ax.set_xticks([]), ax.set_yticks([])
             if c < len(row):
                 img = row[c]
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 2 else None)
+                ax.imshow(img) if img.ndim == 3 else show_mask(ax, img)
             else:
                 ax.axis("off")
             if r == 0 and col_labels:
@@ -217,7 +218,7 @@ def prediction_explorer(cfg, interactive: bool = True):
                        for k, v in masks.items() if k in m["rows"]]
             fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 2))
             for ax, (title, arr) in zip(axes, panels):
-                ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
+                ax.imshow(arr) if arr.ndim == 3 else show_mask(ax, arr)
                 ax.set_title(title, fontsize=7)
                 ax.axis("off")
             explorers.show_figure(fig)

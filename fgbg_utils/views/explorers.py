@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fgbg_utils.views.walkthrough import gmm_figure, overlay
+from fgbg_utils.views.walkthrough import gmm_figure, overlay, show_mask
 
 
 def use_widgets(interactive: bool) -> bool:
@@ -220,7 +220,7 @@ def threshold_figure(soft: np.ndarray, valid: np.ndarray, tau: float, info: dict
     gmm_figure(soft[valid], info.get("threshold"), seed, chosen=tau, ax=axes[0], title="M̂ values")
     mask = threshold_mask(soft, valid, tau)
     score = iou(to_image(mask), ground_truth) if ground_truth is not None else None
-    axes[1].imshow(mask, cmap="gray", interpolation="nearest"), axes[1].axis("off")
+    show_mask(axes[1], mask), axes[1].axis("off")
     axes[1].set_title(f"mask at τ = {tau:.3f}" + (f"\nIoU {score:.3f}" if score is not None else ""),
                       fontsize=8)
     if ground_truth is not None:
