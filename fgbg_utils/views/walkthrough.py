@@ -217,6 +217,13 @@ def inpaint_trace(tuned, canvas: torch.Tensor, m_pre: np.ndarray, prompt_b: str,
     return x_hat, {k: decode_latents(tuned, z.to(tuned.device))[0] for k, z in sorted(rec.latents.items())}
 
 
+def decode(ldm, z: torch.Tensor) -> np.ndarray:
+    """D(z/κ) of one latent (1, C, h, h) as an (R, R, 3) image in [0, 1]."""
+    from fgbg_utils.core.synthesis import decode_latents
+
+    return decode_latents(ldm, z)[0]
+
+
 def back_to_image(arr: np.ndarray, frame, kind: str = "mask") -> np.ndarray:
     """A canvas (or latent-grid) array at the image's original size."""
     return canvas_to_original(arr, frame, kind)
