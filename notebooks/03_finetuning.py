@@ -132,11 +132,11 @@ fig = plots.curve(np.arange(k, len(curve) + 1), smooth, "step", "masked loss",
 # probability that a real image scores higher than a sample — near 1 when the samples hold no object,
 # near 0.5 when they look like the real images.
 #
-# Rows: $y_f$ and $y_b$ plainly ($s = 1$), and $y_b$ contrasted against $y_f$
-# ($\hat\varepsilon = \varepsilon(y_f) + s\,(\varepsilon(y_b) - \varepsilon(y_f))$, `finetune.eval_guidance`),
-# the paper's way to sample object-free backgrounds. In the toy world, plain $y_b$ after fine-tuning
-# sometimes still draws an object: the background rectangles are learned inside images that contain
-# the object, so $y_b$ alone no longer rules it out; the contrast removes it.
+# Rows: $y_f$ plainly ($s = 1$), $y_b$ plainly ($s = 0$), and $y_b$ contrasted against $y_f$, the paper's
+# way to sample object-free backgrounds: a diffusers call with prompt $y_b$, negative prompt $y_f$ and
+# `finetune.eval_guidance` $w$, which in the one guidance convention of notebook 00b,
+# $\hat\varepsilon = \varepsilon(y_b) + s\,(\varepsilon(y_f) - \varepsilon(y_b))$, is $s = 1 - w$ ($w = 3$: $s = -2$).
+# The sentences under the table are computed from its numbers: whether each claim held on this run.
 #
 # The presence score is strict and noisy (it flags some clean samples). Notebook 06 checks the same
 # samples with an independent detector, the U-Net trained on ground truth (`object_free_check`).
@@ -144,6 +144,9 @@ fig = plots.curve(np.arange(k, len(curve) + 1), smooth, "step", "masked loss",
 # %%
 # NBVAL_SKIP
 from fgbg_utils.views.finetune_views import sample_grid
+from IPython.display import Markdown, display
+from fgbg_utils.views.finetune_views import object_free_report
 fig = sample_grid(cfg)
 oa = result.get("object_absent", {})
-print({k: round(v, 3) for k, v in oa.items() if k.startswith(("share", "auc"))})
+display(Markdown(object_free_report(oa, contrast_guidance=oa.get("contrast_guidance"))))
+print("AUC real vs samples:", {k.removeprefix("auc_real_vs_"): round(v, 3) for k, v in oa.items() if k.startswith("auc")})

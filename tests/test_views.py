@@ -186,3 +186,36 @@ def test_masks_render_white_when_full_and_black_when_empty():
     fig = evaluation_views._grid([[full, empty]], ["row"])
     assert (_panel_pixels(fig.axes[0]) == 255).all() and (_panel_pixels(fig.axes[1]) == 0).all()
     plt.close("all")
+
+
+def test_table2_report_verdicts_follow_the_numbers():
+    """'held' / 'did not hold' and the percentages are computed from the metrics, never fixed."""
+    from fgbg_utils.stages.evaluation import PAPER_CUB_IOU, ordering
+
+    ious = {"M_pre": 0.5, "M": 0.7, "unet_D_s": 0.88, "unet_D_s_plus_synth": 0.84, "supervised": 0.95}
+    rows = {k: {"iou": v} for k, v in ious.items()}
+    m = {"rows": rows, "paper_cub_iou": PAPER_CUB_IOU, "ordering": ordering(rows)}
+    text = evaluation_views.table2_report(m)
+    assert "| U-Net(D_s) | 88.0 | 75.1 |" in text and "| M_pre | 50.0 | 29.0 |" in text
+    assert "U-Net(D_s) ≤ U-Net(D_s ∪ D'_s) (88.0 vs 84.0): **did not hold**" in text
+    assert "**did not hold** at 1 of 4 steps" in text and "M_pre < M (50.0 vs 70.0): **held**" in text
+    rows["unet_D_s_plus_synth"]["iou"] = 0.9
+    text = evaluation_views.table2_report({**m, "ordering": ordering(rows)})
+    assert "**held** at every step" in text and "did not hold" not in text
+    assert "cannot be checked" in evaluation_views.table2_report({"rows": {}})
+
+
+def test_object_free_report_verdicts_follow_the_numbers():
+    shares = {"share_object_free_base_y_f": 0.25, "share_object_free_base_y_b": 0.75,
+              "share_object_free_base_y_b_vs_y_f": 1.0, "share_object_free_tuned_y_f": 0.1875,
+              "share_object_free_tuned_y_b": 0.625, "share_object_free_tuned_y_b_vs_y_f": 0.8125}
+    text = finetune_views.object_free_report(shares, contrast_guidance=3.0)
+    assert "| $y_b$ plainly ($s = 0$) | 75.0 % | 62.5 % |" in text and "($s = -2$)" in text
+    first, second = text.split("\n\n*Contrasting")
+    assert "**did not hold**, 75.0 % before and 62.5 % after" in first and "**held**, 81.2 %" in second
+    text = finetune_views.object_free_report({**shares, "share_object_free_tuned_y_b": 0.9})
+    assert "**held**, 75.0 % before and 90.0 % after" in text and "**did not hold**, 81.2 %" in text
+    check = {"area_threshold": 0.01, "real_test_detected": 1.0, "object_free_pure_backgrounds": 1.0,
+             **{k.replace("share_", ""): v for k, v in shares.items()}}
+    text = evaluation_views.object_free_report(check, 3.0)
+    assert "100.0 % of the real test images" in text and "**did not hold**, 75.0 %" in text

@@ -227,3 +227,55 @@ def prediction_explorer(cfg, interactive: bool = True):
     redraw()
     display(W.VBox([image, out]))
     return None
+
+
+def table2_report(metrics: dict) -> str:
+    """Markdown: each Table 2 row's foreground IoU in percent beside the paper's CUB number, then
+    the paper's ordering step by step, each step 'held' or 'did not hold' on these numbers."""
+    from fgbg_utils.stages.evaluation import ROW_LABELS
+
+    rows, paper = metrics.get("rows", {}), metrics.get("paper_cub_iou", {})
+    if not rows:
+        return "No row was scored (no ground truth), so Table 2 and its ordering cannot be checked."
+    lines = ["| row | this run, IoU (%) | paper, CUB (%) |", "|---|---|---|"]
+    lines += [f"| {ROW_LABELS.get(k, k)} | {100 * m['iou']:.1f} | {paper[k]:.1f} |" if k in paper
+              else f"| {ROW_LABELS.get(k, k)} | {100 * m['iou']:.1f} | – |" for k, m in rows.items()]
+    steps, failed = [], []
+    for step, ok in metrics.get("ordering", {}).items():
+        if step == "holds":
+            continue
+        a, op, b = step.split()
+        x, y = 100 * rows[a]["iou"], 100 * rows[b]["iou"]
+        text = f"{ROW_LABELS[a]} {'≤' if op == '<=' else '<'} {ROW_LABELS[b]} ({x:.1f} vs {y:.1f})"
+        steps.append(f"* {text}: **{'held' if ok else 'did not hold'}**")
+        if not ok:
+            failed.append(text)
+    if not steps:
+        return "\n".join(lines)
+    from fgbg_utils.stages.evaluation import ordering
+
+    on_paper = ordering({k: {"iou": v} for k, v in paper.items()}).get("holds")
+    verdict = ("The paper's ordering **held** at every step on this run." if not failed else
+               f"The paper's ordering **did not hold** at {len(failed)} of {len(steps)} steps: "
+               + "; ".join(failed) + ".")
+    verdict += {True: " On the paper's CUB numbers every step holds.",
+                False: " On the paper's CUB numbers it does not hold either."}.get(on_paper, "")
+    return "\n".join(lines + ["", "The paper's ordering, step by step:", *steps, "", verdict])
+
+
+def object_free_report(check: dict, contrast_guidance: float | None = None) -> str:
+    """Markdown: notebook 03's samples and 05's pure backgrounds, checked with the supervised U-Net
+    as the object detector, in percent, with the two claims' verdicts (views.finetune_views)."""
+    from fgbg_utils.views.finetune_views import object_free_report as report
+
+    if not check:
+        return "No detector check in this run (it needs ground truth and the supervised U-Net)."
+    head = (f"The detector finds the object in {100 * check.get('real_test_detected', float('nan')):.1f} % of the "
+            f"real test images (all of which contain it); a sample is object-free below "
+            f"{100 * check['area_threshold']:g} % of the image marked.\n\n")
+    tail = ""
+    if "object_free_pure_backgrounds" in check:
+        v = check["object_free_pure_backgrounds"]
+        tail = (f"\n\nPure backgrounds of notebook 05: {100 * v:.1f} % object-free "
+                f"({check.get('n_pure_backgrounds', '?')} samples).")
+    return head + report(check, "object_free_", contrast_guidance, who="the detector") + tail
