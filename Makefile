@@ -53,7 +53,11 @@ $(LAB_INSTALLED): requirements-lab.txt $(INSTALLED)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)"
 	touch $@
 
+# notebooks/jupytext.toml pairs each notebook with its .py on save (Lab's root is notebooks/);
+# tools/lab_overrides.json makes Lab save widget state, so saved explorers still show their figures.
 lab: $(LAB_INSTALLED)
+	mkdir -p $(VENV)/share/jupyter/lab/settings
+	cp tools/lab_overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 lint: $(TEST_INSTALLED)

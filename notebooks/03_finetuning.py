@@ -16,16 +16,18 @@
 # * otherwise a **background rectangle** with $y_b$ = *"a photo of a background"*: a random box of
 #   background pixels, chosen with $M_{pre}$ (two background pixels as corners; sides > 10, area
 #   between 16² and 32² on a 64-grid, not both sides > 32, ≥ 2/3 background; 100 tries, else the whole
-#   background); the mask is box ∧ background, so the object is never supervised with $y_b$.
+#   background); the supervised region $\Omega$ is box ∧ background, so the object is never supervised with $y_b$.
 #
 # The loss is masked ε-prediction on the standard 4-channel UNet (no inpainting channels):
 #
 # $$z_t=\sqrt{\bar\alpha_t}z_0+\sqrt{1-\bar\alpha_t}\,\varepsilon,\qquad
-# L=\frac{1}{|z|}\sum\big(m\odot(\varepsilon-\varepsilon_\theta(z_t,t,\tau_\theta(y)))\big)^2 .$$
+# \mathcal L_{ft}=\frac{1}{|z|}\sum\big(\Omega\odot(\varepsilon-\varepsilon_\theta(z_t,t,\tau_\theta(y)))\big)^2 ,$$
+#
+# with $\Omega$ the supervised region (1 on a full image, box ∧ $\neg M_{pre}$ on a rectangle).
 #
 # `loss_norm: latent` divides by the latent size (official); `mask` by the mask size [ours]. The
 # training loop is one `accelerate` loop (the same code under `accelerate launch` on several GPUs), with
-# an EMA of the weights, optional LoRA (peft), resumable checkpoints and a bounded `max_train_steps`.
+# an EMA of the weights (exponential moving average, notebook 00b), optional LoRA (peft), resumable checkpoints and a bounded `max_train_steps`.
 
 # %% tags=["parameters"]
 # Parameters: papermill injects values after this cell. Any top-level key of the params file can
@@ -61,8 +63,8 @@ x, frames = pipe.canvases(image)
 
 # %% [markdown]
 # **The rectangle sampler** draws two background pixels of $\neg M_{pre}$ as corners and accepts the
-# first box that passes the rules (scaled from the 64-grid to this $L\times L$ grid); the training mask
-# is box ∧ $\neg M_{pre}$. Six draws on this image:
+# first box that passes the rules (scaled from the 64-grid to this $h\times h$ latent grid); the supervised
+# region is $\Omega$ = box ∧ $\neg M_{pre}$. Six draws on this image:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -75,9 +77,9 @@ fig = wt.rectangles_figure(to_uint8(x[0]), m_pre, draws, ldm.vae_factor)
 
 # %% [markdown]
 # **One masked-loss step** (no update): noise the whole latent, predict with the background prompt
-# $y_b$, supervise only the mask $m$ (`finetune.loss_norm: latent` divides by $|z| = C\,H\,W$):
+# $y_b$, supervise only the region $\Omega$ (`finetune.loss_norm: latent` divides by $|z| = C\,h\,h$):
 #
-# $$L = \frac{1}{|z|}\sum \big(m\odot(\varepsilon - \varepsilon_\theta(z_t, t, \tau_\theta(y_b)))\big)^2 .$$
+# $$\mathcal L_{ft} = \frac{1}{|z|}\sum \big(\Omega\odot(\varepsilon - \varepsilon_\theta(z_t, t, \tau_\theta(y_b)))\big)^2 .$$
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -85,7 +87,7 @@ import torch
 from diffusers import DDPMScheduler
 from fgbg_utils.core import models
 from fgbg_utils.training.objective import masked_step_loss, step_noise
-z0 = models.encode_images(ldm, x, "mode")                        # z_0 = s·E(x)
+z0 = models.encode_images(ldm, x, "mode")                        # z_0 = κ·E(x)
 noise_scheduler = DDPMScheduler.from_config(ldm.scheduler.config)  # as the trainer
 t, eps = step_noise(cfg.seed, 0, 0, 1, tuple(z0.shape[1:]), noise_scheduler.config.num_train_timesteps)
 m = torch.from_numpy(draws[0][0])[None, None].float()

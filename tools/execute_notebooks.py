@@ -48,9 +48,21 @@ def relative_paths(nb) -> None:
 
 
 def execute(path: Path, timeout: int = 3600) -> None:
+    """Run the notebook on a kernel that talks over IPC sockets in a private temporary folder (no
+    "Kernel is running over TCP without encryption" warning, nothing left in notebooks/)."""
+    import tempfile
+
+    from jupyter_client.manager import KernelManager
+
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    with tempfile.TemporaryDirectory(prefix="fgbg-kernel-") as sockets:
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
+        try:
+            NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+        finally:
+            if km.has_kernel:
+                km.shutdown_kernel()
     tidy(nb)
     nbformat.write(nb, path)
 
