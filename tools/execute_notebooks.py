@@ -50,19 +50,12 @@ def relative_paths(nb) -> None:
 def execute(path: Path, timeout: int = 3600) -> None:
     """Run the notebook on a kernel that talks over IPC sockets in a private temporary folder (no
     "Kernel is running over TCP without encryption" warning, nothing left in notebooks/)."""
-    import tempfile
-
-    from jupyter_client.manager import KernelManager
+    from fgbg_utils.runs.runner import ipc_kernel
 
     nb = nbformat.read(path, as_version=4)
-    with tempfile.TemporaryDirectory(prefix="fgbg-kernel-") as sockets:
-        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
-        try:
-            NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
-        finally:
-            if km.has_kernel:
-                km.shutdown_kernel()
+    with ipc_kernel() as km:
+        NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
     tidy(nb)
     nbformat.write(nb, path)
 
