@@ -156,7 +156,8 @@ print("T0 =", cfg.T0, "lowest levels:", sorted(grid.tolist())[:cfg.T0])
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages.attention_maps import run as run_stage01
-summary = run_stage01(cfg, force=force)
+with gallery.reuse_note(cfg, "01"):
+    summary = run_stage01(cfg, force=force)
 print(f"{summary['n_images']} images, {summary['n_computed']} computed now; "
       f"{len(summary['layers'])} cross-attention layers; skipped inputs: {summary['skipped_images']}")
 

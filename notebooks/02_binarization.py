@@ -90,7 +90,8 @@ fig = explorers.threshold_explorer(mhat, valid, {"threshold": tau}, maps.frames[
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages import binarization as stage_binarization
-result = stage_binarization.run(cfg, force=force)
+with gallery.reuse_note(cfg, "02"):
+    result = stage_binarization.run(cfg, force=force)
 
 # %% [markdown]
 # ## The GMM on one image of the dataset, with a draggable threshold

@@ -42,7 +42,7 @@ interactive = True               # widgets when a browser is attached
 # %matplotlib inline
 from fgbg_utils.runs.notebook import notebook_config
 import numpy as np
-from fgbg_utils.views import plots
+from fgbg_utils.views import gallery, plots
 from fgbg_utils.views import walkthrough as wt
 cfg = notebook_config(globals(), stage="03", missing="warn")  # the walkthrough needs no run
 
@@ -111,7 +111,8 @@ fig = rectangle_examples(cfg, n=6)
 
 # %%
 # NBVAL_SKIP
-result = stage_finetune.run(cfg, force=force)
+with gallery.reuse_note(cfg, "03"):
+    result = stage_finetune.run(cfg, force=force)
 tr = result["training"]
 print(f"{tr['mode']} fine-tuning, {tr['steps_done']} steps, loss_norm={tr['loss_norm']}; "
       f"samples {tr['kinds']}, empty-mask share {tr['empty_fraction']:.1%}")

@@ -150,7 +150,8 @@ if ready:
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages import refinement as stage_refinement
-result = stage_refinement.run(cfg, force=force)
+with gallery.reuse_note(cfg, "04"):
+    result = stage_refinement.run(cfg, force=force)
 
 # %% [markdown]
 # ## Metrics on the evaluation split

@@ -40,7 +40,7 @@ interactive = True               # widgets when a browser is attached
 # %matplotlib inline
 from fgbg_utils.runs.notebook import notebook_config
 from fgbg_utils.views import evaluation_views as views
-from fgbg_utils.views import explorers
+from fgbg_utils.views import explorers, gallery
 from fgbg_utils.views import walkthrough as wt
 cfg = notebook_config(globals(), stage="05", missing="warn")  # the walkthrough needs no run
 
@@ -91,7 +91,8 @@ fig = wt.strip_figure([wt.decode(sampler, z), *sweep], [f"the loop, s = {s:g}", 
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages import synthesis as stage_synthesis
-result = stage_synthesis.run(cfg, force=force)
+with gallery.reuse_note(cfg, "05"):
+    result = stage_synthesis.run(cfg, force=force)
 print(f"{result['n_images']} synthetic images (s = {result['guidance']:g}), "
       f"{result['n_pure_backgrounds']} pure backgrounds (s = {result['background_guidance']:g})")
 

@@ -42,6 +42,7 @@ interactive = True               # widgets when a browser is attached
 from IPython.display import Markdown, display
 from fgbg_utils.runs.notebook import notebook_config
 from fgbg_utils.views import evaluation_views as views
+from fgbg_utils.views import gallery
 cfg = notebook_config(globals(), stage="06", missing="warn")  # the row table below needs no run
 
 # %% [markdown]
@@ -63,7 +64,8 @@ cfg = notebook_config(globals(), stage="06", missing="warn")  # the row table be
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages import evaluation as stage_evaluation
-result = stage_evaluation.run(cfg, force=force, progress=False)
+with gallery.reuse_note(cfg, "06"):
+    result = stage_evaluation.run(cfg, force=force, progress=False)
 
 # %% [markdown]
 # ## Table 2

@@ -219,3 +219,17 @@ def test_object_free_report_verdicts_follow_the_numbers():
              **{k.replace("share_", ""): v for k, v in shares.items()}}
     text = evaluation_views.object_free_report(check, 3.0)
     assert "100.0 % of the real test images" in text and "**did not hold**, 75.0 %" in text
+
+
+def test_reuse_note_says_what_a_stage_computed_and_reused(tmp_path, capsys):
+    cfg = load_params(TOY, {}, run_dir=str(tmp_path / "run"))
+    folder = tmp_path / "run" / "04_refinement"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_text("a")
+    with gallery.reuse_note(cfg, "04"):
+        pass
+    assert "nothing recomputed; its 1 output files were already" in capsys.readouterr().out
+    with gallery.reuse_note(cfg, "04"):
+        (folder / "b.png").write_text("b")
+        (folder / "stage.json").write_text("{}")  # the stage's record is not an output
+    assert "stage 04_refinement: 1 files written now, 1 reused" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Collect per-image views from a run folder for figures and the explorer."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from fgbg_utils.data.loader import load_dataset
@@ -73,3 +74,34 @@ def per_image_iou(cfg, ids: list[str], records=None) -> dict[str, float]:
             meter.update(row["M_pre"], row["ground truth"])
             out[i] = meter.result()["iou_per_image"]
     return out
+
+
+def _stage_files(cfg, stage: str) -> dict[str, tuple[int, int]]:
+    """{file under the stage's folder: (mtime_ns, size)}, without its stage.json record."""
+    from fgbg_utils.stages.registry import STAGE_NAMES
+
+    folder = Path(cfg.run_dir) / STAGE_NAMES[stage]
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in folder.rglob("*") if p.is_file() and p.name != "stage.json"}
+
+
+def reuse_message(stage_name: str, before: dict, after: dict) -> str:
+    """What a stage call did to its folder: files written now (new or rewritten) and files reused."""
+    written = [f for f, v in after.items() if before.get(f) != v]
+    reused = len(after) - len(written)
+    if not written:
+        return (f"stage {stage_name}: nothing recomputed; its {reused} output files were already in the run "
+                f"folder, made with these parameters, data and code, and were reused (force = True recomputes).")
+    return f"stage {stage_name}: {len(written)} files written now, {reused} reused from the run folder."
+
+
+@contextmanager
+def reuse_note(cfg, stage: str):
+    """Around a stage's `run`: afterwards, print what it computed and what it reused."""
+    from fgbg_utils.stages.registry import STAGE_NAMES
+
+    before = _stage_files(cfg, stage)
+    yield
+    print(reuse_message(STAGE_NAMES[stage], before, _stage_files(cfg, stage)))
