@@ -65,7 +65,7 @@ cfg = notebook_config(globals(), stage="06", missing="warn")  # the row table be
 # NBVAL_SKIP
 from fgbg_utils.stages import evaluation as stage_evaluation
 with gallery.reuse_note(cfg, "06"):
-    result = stage_evaluation.run(cfg, force=force, progress=False)
+    result = stage_evaluation.run(cfg, force=force, progress=False, log=gallery.run_log(cfg))
 
 # %% [markdown]
 # ## Table 2

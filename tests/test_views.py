@@ -233,3 +233,12 @@ def test_reuse_note_says_what_a_stage_computed_and_reused(tmp_path, capsys):
         (folder / "b.png").write_text("b")
         (folder / "stage.json").write_text("{}")  # the stage's record is not an output
     assert "stage 04_refinement: 1 files written now, 1 reused" in capsys.readouterr().out
+
+
+def test_run_log_names_no_machine_paths(tmp_path, capsys):
+    from fgbg_utils.runs.params import PROJECT_ROOT
+
+    cfg = load_params(TOY, {}, run_dir=str(tmp_path / "run"))
+    gallery.run_log(cfg)(f"masks in {tmp_path / 'run' / '06_evaluation' / 'masks'}; model {PROJECT_ROOT / 'models'}")
+    out = capsys.readouterr().out
+    assert out == "masks in RUN/06_evaluation/masks; model models\n"

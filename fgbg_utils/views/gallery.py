@@ -105,3 +105,20 @@ def reuse_note(cfg, stage: str):
     before = _stage_files(cfg, stage)
     yield
     print(reuse_message(STAGE_NAMES[stage], before, _stage_files(cfg, stage)))
+
+
+def run_log(cfg):
+    """A `log` for a stage's `run` that names files inside the run folder as RUN/… and other project
+    files relative to the project root: no machine paths in a notebook's output."""
+    from fgbg_utils.runs.params import PROJECT_ROOT
+
+    run = Path(cfg.run_dir)
+    prefixes = [(f"{p}/", "RUN/") for p in {str(run), str(run.resolve())}]
+    prefixes += [(f"{p}/", "") for p in {str(PROJECT_ROOT), str(PROJECT_ROOT.resolve())}]
+
+    def log(message: str) -> None:
+        for prefix, short in prefixes:
+            message = str(message).replace(prefix, short)
+        print(message)
+
+    return log
