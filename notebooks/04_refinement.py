@@ -156,13 +156,15 @@ with gallery.reuse_note(cfg, "04"):
 # %% [markdown]
 # ## Metrics on the evaluation split
 #
-# Paper, CUB (Table 2, IoU): $M_{pre}$ 29.0 → $M$ 63.6; $M_{crop}$ 30.7.
+# In percent, beside the paper's CUB numbers (Table 2, IoU: $M_{pre}$ 29.0 → $M$ 63.6; $M_{crop}$ 30.7);
+# the sentences under the table are computed from its numbers.
 
 # %%
 # NBVAL_SKIP
 from IPython.display import Markdown, display
-from fgbg_utils.runs.runner import metrics_table
-display(Markdown(metrics_table(cfg.run_dir, stages=("02", "04"))))
+from fgbg_utils.views.evaluation_views import percent_table, refinement_verdicts
+display(Markdown(percent_table(cfg.run_dir, stages=("02", "04"))))
+display(Markdown(refinement_verdicts(cfg.run_dir)))
 
 # %% [markdown]
 # ## Best and worst images: original, $M_{pre}$, inpainted background, difference, $M$

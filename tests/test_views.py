@@ -242,3 +242,19 @@ def test_run_log_names_no_machine_paths(tmp_path, capsys):
     gallery.run_log(cfg)(f"masks in {tmp_path / 'run' / '06_evaluation' / 'masks'}; model {PROJECT_ROOT / 'models'}")
     out = capsys.readouterr().out
     assert out == "masks in RUN/06_evaluation/masks; model models\n"
+
+
+def test_percent_tables_and_refinement_verdicts(tmp_path):
+    import json
+
+    from fgbg_utils.views.evaluation_views import percent_table, refinement_verdicts
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "02_binarization.json").write_text(json.dumps({"iou": 0.5, "acc": 0.9, "miou": 0.7}))
+    (tmp_path / "metrics" / "04_refinement.json").write_text(json.dumps(
+        {"refined": {"iou": 0.6, "acc": 0.95, "miou": 0.77}, "m_crop": {"iou": 0.65}}))
+    table = percent_table(tmp_path)
+    assert "| M_pre (stage 02) | 90.0 | 50.0 | 70.0 | 29.0 |" in table and "| M (stage 04) | 95.0 | 60.0 | 77.0 | 63.6 |" in table
+    text = refinement_verdicts(tmp_path)
+    assert "improves $M_{pre}$*: **held**, IoU 50.0 → 60.0 %" in text
+    assert "$M_{crop}$*: **did not hold**, 60.0 vs 65.0 %" in text

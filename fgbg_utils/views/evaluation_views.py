@@ -279,3 +279,45 @@ def object_free_report(check: dict, contrast_guidance: float | None = None) -> s
         tail = (f"\n\nPure backgrounds of notebook 05: {100 * v:.1f} % object-free "
                 f"({check.get('n_pure_backgrounds', '?')} samples).")
     return head + report(check, "object_free_", contrast_guidance, who="the detector") + tail
+
+
+PAPER_KEYS = {"M_pre (stage 02)": "M_pre", "M_crop (stage 04 baseline)": "M_crop", "M (stage 04)": "M"}
+
+
+def percent_table(run_dir, stages=("02", "04")) -> str:
+    """Markdown: the run's metrics rows (runner.metrics_rows) in percent, beside the paper's CUB IoU."""
+    from fgbg_utils.runs.runner import metrics_rows
+    from fgbg_utils.stages.evaluation import PAPER_CUB_IOU
+
+    rows = metrics_rows(run_dir, stages=stages)
+    if not rows:
+        return "no metrics (no ground truth, or the stages have not run)"
+    pct = lambda v: f"{100 * v:.1f}" if isinstance(v, (int, float)) else "–"
+    lines = ["| row | ACC (%) | IoU (%) | mIoU (%) | paper, CUB IoU (%) |", "|---|---|---|---|---|"]
+    for name, m in rows:
+        paper = m.get("paper_cub_iou", PAPER_CUB_IOU.get(PAPER_KEYS.get(name, "")))
+        lines.append(f"| {name} | {pct(m.get('acc'))} | {pct(m.get('iou'))} | {pct(m.get('miou'))} | "
+                     f"{'' if paper is None else f'{paper:.1f}'} |")
+    return "\n".join(lines)
+
+
+def refinement_verdicts(run_dir) -> str:
+    """Markdown: whether refinement's two claims held on this run (M beats M_pre; M beats the
+    M_crop baseline), with the IoUs in percent beside the paper's."""
+    from fgbg_utils.stages.evaluation import PAPER_CUB_IOU
+    from fgbg_utils.stages.registry import STAGE_NAMES
+
+    mdir = Path(run_dir) / "metrics"
+    m02, m04 = (mdir / f"{STAGE_NAMES[k]}.json" for k in ("02", "04"))
+    if not (m02.exists() and m04.exists()):
+        return ""
+    pre, m04 = read_json(m02).get("iou"), read_json(m04)
+    refined, crop = m04.get("refined", {}).get("iou"), m04.get("m_crop", {}).get("iou")
+    if None in (pre, refined, crop):
+        return "No ground truth: the refinement claims cannot be checked on this run."
+    p = PAPER_CUB_IOU
+    say = lambda ok: "**held**" if ok else "**did not hold**"
+    return (f"*Refinement improves $M_{{pre}}$*: {say(refined > pre)}, IoU {100 * pre:.1f} → {100 * refined:.1f} % "
+            f"(paper, CUB: {p['M_pre']:.1f} → {p['M']:.1f} %).\n\n"
+            f"*Painting with $m'$ beats the mirrored-strip baseline $M_{{crop}}$*: {say(refined > crop)}, "
+            f"{100 * refined:.1f} vs {100 * crop:.1f} % (paper: {p['M']:.1f} vs {p['M_crop']:.1f} %).")
