@@ -111,7 +111,7 @@ if ready:
         z = sched.step(e_b + s * (e_f - e_b), t, z, eta=0.0).prev_sample   # ε̂ = ε(y_b) + s(ε(y_f) − ε(y_b))
         known = sched.add_noise(z0, noise, ts[i + 1:i + 2]) if i + 1 < len(ts) else z0
         z = keep * known + (1 - keep) * z                                  # keep ¬M_pre
-        if (i + 1) % (len(ts) // 4) == 0:
+        if (i + 1) % max(1, len(ts) // 4) == 0:
             trace[i + 1] = wt.decode(m_, z)
     ours = wt.decode(m_, z)
     assert np.abs(ours - x_hat).max() < 1e-4, np.abs(ours - x_hat).max()
