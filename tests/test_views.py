@@ -228,11 +228,12 @@ def test_reuse_note_says_what_a_stage_computed_and_reused(tmp_path, capsys):
     (folder / "a.png").write_text("a")
     with gallery.reuse_note(cfg, "04"):
         pass
-    assert "nothing recomputed; its 1 output files were already" in capsys.readouterr().out
+    assert "its 1 output files were reused and are unchanged" in capsys.readouterr().out
     with gallery.reuse_note(cfg, "04"):
+        (folder / "a.png").write_text("a")  # rewritten with the same bytes: unchanged
         (folder / "b.png").write_text("b")
         (folder / "stage.json").write_text("{}")  # the stage's record is not an output
-    assert "stage 04_refinement: 1 files written now, 1 reused" in capsys.readouterr().out
+    assert "stage 04_refinement: 1 output files new or changed now, 1 reused unchanged" in capsys.readouterr().out
 
 
 def test_run_log_names_no_machine_paths(tmp_path, capsys):

@@ -76,25 +76,28 @@ def per_image_iou(cfg, ids: list[str], records=None) -> dict[str, float]:
     return out
 
 
-def _stage_files(cfg, stage: str) -> dict[str, tuple[int, int]]:
-    """{file under the stage's folder: (mtime_ns, size)}, without its stage.json record."""
+def _stage_files(cfg, stage: str) -> dict[str, str]:
+    """{file under the stage's folder: sha1 of its bytes}, without its stage.json record."""
+    import hashlib
+
     from fgbg_utils.stages.registry import STAGE_NAMES
 
     folder = Path(cfg.run_dir) / STAGE_NAMES[stage]
     if not folder.is_dir():
         return {}
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
             for p in folder.rglob("*") if p.is_file() and p.name != "stage.json"}
 
 
 def reuse_message(stage_name: str, before: dict, after: dict) -> str:
-    """What a stage call did to its folder: files written now (new or rewritten) and files reused."""
-    written = [f for f, v in after.items() if before.get(f) != v]
-    reused = len(after) - len(written)
-    if not written:
-        return (f"stage {stage_name}: nothing recomputed; its {reused} output files were already in the run "
-                f"folder, made with these parameters, data and code, and were reused (force = True recomputes).")
-    return f"stage {stage_name}: {len(written)} files written now, {reused} reused from the run folder."
+    """What a stage call changed in its folder: files new or changed, and files kept as they were
+    (reused, or rewritten with the same bytes)."""
+    changed = [f for f, v in after.items() if before.get(f) != v]
+    kept = len(after) - len(changed)
+    if not changed:
+        return (f"stage {stage_name}: finished before with these parameters, data and code; its {kept} output "
+                f"files were reused and are unchanged (force = True recomputes them).")
+    return f"stage {stage_name}: {len(changed)} output files new or changed now, {kept} reused unchanged."
 
 
 @contextmanager
