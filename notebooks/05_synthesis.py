@@ -57,11 +57,10 @@ import torch
 from diffusers import DDIMScheduler
 from fgbg_utils.core import models
 from fgbg_utils.core.synthesis import guidance_sweep, initial_latents, sample_guided
-from fgbg_utils.runs.notebook import relative
 tuned_dir = wt.finetuned_folder(cfg)
 pipe = wt.load_pipeline(cfg, tuned_dir)
 sampler = pipe.tuned if pipe.tuned is not None else pipe.ldm
-print("model:", f"m' from {relative(tuned_dir)}" if tuned_dir else "m (pretrained; no m' in this run folder yet)")
+print("model:", "m' of this run folder (RUN/03_finetuning)" if tuned_dir else "m (pretrained; no m' in this run folder yet)")
 s, steps = cfg.synthesis.guidance, cfg.synthesis.steps
 print(f"synthesis.guidance: s = {s:g}, {steps} DDIM steps, η = 0")
 with torch.no_grad():
