@@ -72,12 +72,12 @@ class FinetuneParams(FinetuneSettings, Section):
     """Stage 03: the trainer's settings (declared in training.config) and its evaluation samples."""
     eval_samples: int = P(16, "y_f and y_b samples before/after fine-tuning (0: none)", ge=0)
     eval_steps: int = P(50, "DDIM steps of those samples", ge=1)
-    eval_guidance: float = P(3.0, "scale s of the y_b-vs-y_f contrast samples")
+    eval_guidance: float = P(3.0, "guidance_scale w of the y_b-vs-y_f contrast samples (concept scale s = 1 - w)")
 
 
 class RefinementParams(Section):
     steps: int = P(50, "DDIM steps of the inpainting [P]", ge=1)
-    guidance_scale: float = P(1.0, "> 1: CFG with y_f as the negative prompt")
+    guidance_scale: float = P(1.0, "w > 1: CFG with y_f as the negative prompt (concept scale s = 1 - w)")
     reference: Literal["roundtrip", "original"] = P("roundtrip", "difference against the VAE round trip or the original")
     batch_size: int = P(8, "images per inpainting batch", ge=1)
     orphan_filter: bool = P(True, "orphan filter inside g [C]")

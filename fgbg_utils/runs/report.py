@@ -98,6 +98,16 @@ def static_notebook(nb):
 
 
 STYLE = re.compile(r"<style[^>]*>.*?</style>", re.S | re.I)
+NS_DECLARATION = re.compile(r'\s+xmlns:(ns\d+)="http://www\.w3\.org/1998/Math/MathML"')
+
+
+def plain_mathml(body: str) -> str:
+    """Undo the namespace prefix nbconvert's heading-anchor filter gives MathML in headings
+    (ElementTree re-serialises `<math>` as `<ns0:math>` and declares `xmlns:ns0` on the heading):
+    an HTML parser knows only the plain `<math>` tag, and showed the prefixed one as flat text."""
+    for prefix in set(NS_DECLARATION.findall(body)):
+        body = re.sub(rf"<(/?){prefix}:", r"<\1", body)
+    return NS_DECLARATION.sub("", body)
 SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.S | re.I)
 
 
@@ -110,7 +120,7 @@ def notebook_body(path: Path) -> tuple[str, str]:
     head = page[:page.find("</head>")] if "</head>" in page else ""
     start, end = page.find("<body"), page.rfind("</body>")
     body = page[page.find(">", start) + 1:end] if start >= 0 and end > 0 else page
-    return "".join(STYLE.findall(head)), SCRIPT.sub("", body)
+    return "".join(STYLE.findall(head)), plain_mathml(SCRIPT.sub("", body))
 
 
 def _table_html(run_dir: Path) -> str:
