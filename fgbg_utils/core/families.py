@@ -100,6 +100,26 @@ def as_diffusers_pipeline(ldm: LDM):
                                       scheduler=ldm.scheduler, **parts, **denoiser)
 
 
+ALL_STAGES = ("01", "02", "03", "04", "05", "06")
+STAGES_BY_FAMILY = {"sd": ALL_STAGES, "sdxl": ALL_STAGES,
+                    "sd3": ("01", "02"), "flux": ("01", "02")}
+
+
+def unsupported_stages(family: str, stages) -> list[str]:
+    """The requested stages this family does not run yet (SD3 and Flux: 01 and 02 only)."""
+    return [s for s in stages if str(s)[:2] not in STAGES_BY_FAMILY[family]]
+
+
+def require_stages(family: str, stages, path: str) -> None:
+    """ModelError naming `model.path`, the family and the fix when a stage is not supported."""
+    bad = unsupported_stages(family, stages)
+    if bad:
+        ok = ",".join(STAGES_BY_FAMILY[family])
+        raise ModelError(f"`model.path`={path!r} is a {family} model; stages {', '.join(bad)} run "
+                         f"for SD 1.x/2.x only so far ({family}: stages {ok}). Run with "
+                         f"--stages {ok}, or use an SD 1.x/2.x model.")
+
+
 # ----------------------------------------------------------------------------- tokens
 def text_segments(ldm: LDM) -> list[tuple[str, object, int, int]]:
     """(label, tokenizer, offset in the attention's text sequence, max tokens) per text segment."""
@@ -148,6 +168,25 @@ class Condition:
     pooled: torch.Tensor | None = None       # SDXL text_embeds / SD3, Flux pooled projection
     time_ids: torch.Tensor | None = None     # SDXL micro-conditioning
     text_ids: torch.Tensor | None = None     # Flux text position ids (S, 3)
+
+
+def added_conditions(cond: Condition, device=None, dtype=None) -> dict | None:
+    """SDXL's `added_cond_kwargs` of a prompt (batch 1): {"text_embeds", "time_ids"}; None for
+    families without added conditions (every UNet call passes them when not None)."""
+    if cond.time_ids is None:
+        return None
+    return {"text_embeds": cond.pooled.to(device, dtype), "time_ids": cond.time_ids.to(device, dtype)}
+
+
+def unet_kwargs(added: dict | None, n: int, device, dtype) -> dict:
+    """`added_cond_kwargs` for a UNet call of n rows (rows of batch-1 entries expanded), or {}."""
+    if added is None:
+        return {}
+    out = {}
+    for k, v in added.items():
+        v = v.to(device, dtype)
+        out[k] = v if v.shape[0] == n else v.expand(n, *v.shape[1:])
+    return {"added_cond_kwargs": out}
 
 
 @torch.no_grad()

@@ -49,19 +49,27 @@ POSTERIORS = ("mode", "sample")
 def _pipeline_kwargs(ldm: LDM) -> dict:
     from diffusers import DDIMScheduler
 
+    if ldm.family == "sdxl":  # its second text encoder and tokenizer; no aesthetic-score conditioning
+        return dict(vae=ldm.vae, unet=ldm.unet, text_encoder=ldm.text_encoder, tokenizer=ldm.tokenizer,
+                    text_encoder_2=ldm.extras["text_encoder_2"], tokenizer_2=ldm.extras["tokenizer_2"],
+                    scheduler=DDIMScheduler.from_config(ldm.scheduler.config),
+                    requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
     return dict(vae=ldm.vae, unet=ldm.unet, text_encoder=ldm.text_encoder, tokenizer=ldm.tokenizer,
                 scheduler=DDIMScheduler.from_config(ldm.scheduler.config), safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
 
 
 def make_inpaint_pipeline(ldm: LDM):
-    """``StableDiffusionInpaintPipeline`` sharing the LDM's components, with a fresh DDIM scheduler."""
-    from diffusers import StableDiffusionInpaintPipeline
+    """``StableDiffusionInpaintPipeline`` (SDXL: ``StableDiffusionXLInpaintPipeline``, which adds
+    its pooled text embedding and size conditions to every UNet call and does the same latent
+    blending with a 4-channel UNet) sharing the LDM's components, with a fresh DDIM scheduler."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     if ldm.unet.config.in_channels != 4:
         raise ValueError(f"the UNet of {ldm.path!r} has {ldm.unet.config.in_channels} input channels; "
                          f"refinement needs the 4-channel text-to-image UNet (latent blending).")
-    pipe = StableDiffusionInpaintPipeline(**_pipeline_kwargs(ldm))
+    cls = StableDiffusionXLInpaintPipeline if ldm.family == "sdxl" else StableDiffusionInpaintPipeline
+    pipe = cls(**_pipeline_kwargs(ldm))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -12,6 +12,7 @@ Output folder ``out_dir``::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -194,6 +195,6 @@ def load_finetuned(ldm: LDM, out_dir) -> LDM:
     if unet.dtype != dtype:
         unet.to(dtype)
     unet.eval().requires_grad_(False)
-    tuned = LDM(ldm.vae, unet, ldm.text_encoder, ldm.tokenizer, ldm.scheduler, ldm.path)
+    tuned = dataclasses.replace(ldm, unet=unet)  # same family, text encoders and scheduler
     tuned.finetune_dir = str(out)  # provenance: path stays the base model's (tokenizer etc.)
     return tuned

@@ -27,11 +27,13 @@ def prediction_target(noise_scheduler, z0, noise, t):
     raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
 
 
-def masked_step_loss(unet, noise_scheduler, z0, noise, t, emb, mask, loss_norm: str = "latent"):
+def masked_step_loss(unet, noise_scheduler, z0, noise, t, emb, mask, loss_norm: str = "latent",
+                     added: dict | None = None):
     """Forward + masked ε-loss of one batch (docs/method.md §2.3): the whole latent is noised, only the
-    mask is supervised."""
+    mask is supervised. `added`: SDXL's added conditions per row (text_embeds, time_ids)."""
     zt = noise_scheduler.add_noise(z0, noise, t)
-    pred = unet(zt, t, encoder_hidden_states=emb).sample
+    kw = {} if added is None else {"added_cond_kwargs": added}
+    pred = unet(zt, t, encoder_hidden_states=emb, **kw).sample
     target = prediction_target(noise_scheduler, z0, noise, t)
     return rectangles.masked_eps_loss(pred.float(), target.float(), mask, loss_norm)
 

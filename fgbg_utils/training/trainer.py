@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fgbg_utils.core.models import LDM, encode_images, encode_prompt
+from fgbg_utils.core import families
+from fgbg_utils.core.models import LDM, encode_images
 from fgbg_utils.io import atomic_write_json, read_json
 from fgbg_utils.training.batches import MaskedImageDataset
 from fgbg_utils.training.checkpoints import (META_NAME, STATE_NAME, check_out_dir_mode,
@@ -50,8 +51,9 @@ class Finetuner:
         # frozen parts: used once, here
         for m in (ldm.vae, ldm.text_encoder):
             m.requires_grad_(False).eval().to(dev)
-        self.emb = {p: encode_prompt(ldm, p).to(dev, torch.float32)
-                    for p in dict.fromkeys(self.dataset.prompts.values())}
+        conds = {p: families.encode_condition(ldm, p) for p in dict.fromkeys(self.dataset.prompts.values())}
+        self.emb = {p: c.emb.to(dev, torch.float32) for p, c in conds.items()}
+        self.added = {p: families.added_conditions(c, dev, torch.float32) for p, c in conds.items()}
         self.dataset.set_latents(self._encode_all(ldm))
 
         unet = copy.deepcopy(ldm.unet).to(dev)
@@ -131,9 +133,10 @@ class Finetuner:
             z0 = batch["latents"][mine].to(dev)
             mask = batch["masks"][mine].to(dev)
             emb = torch.cat([self.emb[p] for p in batch["prompts"][mine]])
+            added = self._added(batch["prompts"][mine])
             with acc.accumulate(self.unet):
                 loss = masked_step_loss(self.unet, self.noise_scheduler, z0, noise[mine].to(dev),
-                                        t[mine].to(dev), emb, mask, cfg.loss_norm)
+                                        t[mine].to(dev), emb, mask, cfg.loss_norm, added)
                 acc.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -143,6 +146,13 @@ class Finetuner:
         value = total / cfg.gradient_accumulation_steps
         self.loss_curve.append(value)
         return value
+
+    def _added(self, prompts) -> dict | None:
+        """SDXL's added conditions of the batch rows (None for SD 1.x/2.x)."""
+        rows = [self.added[p] for p in prompts]
+        if not rows or rows[0] is None:
+            return None
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def kind_counts(self) -> dict:
         return {k: int(self.kinds.get(k, 0)) for k in KINDS}
