@@ -2,10 +2,11 @@
 make_photos.py: odd formats, one truncated file), with the tiny SDXL, SD3 and Flux pipelines
 (tests/fixtures/make_tiny_families.py), params/folder.yaml and `--set model.path=...`:
 
-* SDXL: stages 01-06 (its added conditions in fine-tuning, refinement and synthesis); one M_pre,
-  one refined mask and one label-free U-Net mask per readable photo, at its own size;
-* SD3 and Flux: stages 01-02, one M_pre per readable photo; stage 03 is refused with exit code 2
-  and a message naming the family and the stages to run, before any work.
+* SDXL and SD3: stages 01-06 (SDXL's added conditions; SD3's masked flow-matching loss, flow
+  inpainting and velocity guidance); one refined mask and one label-free U-Net mask per readable
+  photo, at its own size;
+* SD3 and Flux: stages 01-02, one M_pre per readable photo; Flux's stage 03 is refused with exit
+  code 2 and a message naming the family and the stages to run, before any work.
 
 The stages run in process (`python -m fgbg_utils stage NN`'s code path, without notebooks); the
 `run` command with notebooks is measured in the README."""
@@ -67,7 +68,7 @@ def test_stages_01_02_one_mask_per_photo(family, photos, tmp_path):
     assert all(m.shape == (8, 8) for m in masks.values())  # M_pre on the latent grid
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["flux"])
 def test_later_stages_refused_with_exit_code_2(family, photos, tmp_path, capsys):
     root, _ = photos
     rc = main(["run", FOLDER, "--out", str(tmp_path / "run"), "--set", f"model.path={tiny_family(family)}",
@@ -78,14 +79,15 @@ def test_later_stages_refused_with_exit_code_2(family, photos, tmp_path, capsys)
     assert "Traceback" not in err and not (tmp_path / "run" / "01_attention_maps").exists()
 
 
-def test_sdxl_stages_01_to_06(photos, tmp_path):
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_stages_01_to_06(family, photos, tmp_path):
     root, readable = photos
-    cfg = _cfg("sdxl", root, tmp_path / "run")
+    cfg = _cfg(family, root, tmp_path / "run")
     for stage in (s01, s02, s03, s04, s05):
         stage.run(cfg, progress=False)
     s06.run(cfg, progress=False, log=lambda m: None)
     run = Path(cfg.run_dir)
-    assert json.loads((run / "01_attention_maps" / "summary.json").read_text())["family"] == "sdxl"
+    assert json.loads((run / "01_attention_maps" / "summary.json").read_text())["family"] == family
     tuned = json.loads((run / "03_finetuning" / "fgbg_finetune.json").read_text())
     assert tuned["steps_done"] == 2
     refined = _masks(run / "04_refinement" / "refined")

@@ -102,11 +102,11 @@ def as_diffusers_pipeline(ldm: LDM):
 
 ALL_STAGES = ("01", "02", "03", "04", "05", "06")
 STAGES_BY_FAMILY = {"sd": ALL_STAGES, "sdxl": ALL_STAGES,
-                    "sd3": ("01", "02"), "flux": ("01", "02")}
+                    "sd3": ALL_STAGES, "flux": ("01", "02")}
 
 
 def unsupported_stages(family: str, stages) -> list[str]:
-    """The requested stages this family does not run yet (SD3 and Flux: 01 and 02 only)."""
+    """The requested stages this family does not run yet (Flux: 01 and 02 only)."""
     return [s for s in stages if str(s)[:2] not in STAGES_BY_FAMILY[family]]
 
 

@@ -101,6 +101,9 @@ def initial_latents(ldm: LDM, seed_list: Sequence[int]) -> torch.Tensor:
 @torch.no_grad()
 def decode_latents(ldm: LDM, latents: torch.Tensor) -> np.ndarray:
     """VAE decode of final latents -> (n, R, R, 3) float32 in [0, 1]."""
+    if ldm.family in families.FLOW:  # x = D(z / scaling + shift)
+        from fgbg_utils.core import flow
+        return flow.decode(ldm, latents)
     vae = ldm.vae
     x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
     return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
@@ -144,6 +147,9 @@ def sample_guided(ldm: LDM, prompt_f: str, prompt_b: str, s: float, seed_list: S
     the batch. s = 1 equals StableDiffusionPipeline(prompt_f, guidance_scale=1) with a DDIM
     scheduler; s = 0 is plain y_b sampling.
     """
+    if ldm.family in families.FLOW:  # SD3: Euler steps of the guided velocity (core/flow.py)
+        from fgbg_utils.core import flow
+        return flow.sample_guided(ldm, prompt_f, prompt_b, s, seed_list, steps, batch_size)
     emb_f, emb_b, added = _conditions(ldm, prompt_f, prompt_b)
     from diffusers import DDIMScheduler
     sigma = DDIMScheduler.from_config(ldm.scheduler.config).init_noise_sigma
@@ -169,6 +175,9 @@ def guidance_sweep(ldm: LDM, prompt_f: str, prompt_b: str, scales: Sequence[floa
     """The paper's Fig. 8: the same seed (the same initial noise) sampled at every scale s.
     Scales run as rows of one batch (per-row s). Returns (len(scales), R, R, 3) float32 in [0, 1]."""
     scales = [float(v) for v in scales]
+    if ldm.family in families.FLOW:
+        from fgbg_utils.core import flow
+        return flow.guidance_sweep(ldm, prompt_f, prompt_b, scales, seed, steps, batch_size)
     emb_f, emb_b, added = _conditions(ldm, prompt_f, prompt_b)
     from diffusers import DDIMScheduler
     sigma = DDIMScheduler.from_config(ldm.scheduler.config).init_noise_sigma

@@ -183,8 +183,7 @@ def load_finetuned(ldm: LDM, out_dir) -> LDM:
                          else "The full fine-tuned UNet does not depend on them."))
     dev, dtype = ldm.unet.device, ldm.unet.dtype
     if present == "full":
-        from diffusers import UNet2DConditionModel
-        unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+        unet = type(ldm.unet).from_pretrained(str(out / "unet"))  # UNet, or SD3's transformer
     else:
         from peft import LoraConfig
         from safetensors.torch import load_file

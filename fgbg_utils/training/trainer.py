@@ -54,6 +54,8 @@ class Finetuner:
         conds = {p: families.encode_condition(ldm, p) for p in dict.fromkeys(self.dataset.prompts.values())}
         self.emb = {p: c.emb.to(dev, torch.float32) for p, c in conds.items()}
         self.added = {p: families.added_conditions(c, dev, torch.float32) for p, c in conds.items()}
+        self.pooled = {p: (None if c.pooled is None else c.pooled.to(dev, torch.float32)) for p, c in conds.items()}
+        self.flow_model = ldm if ldm.family in families.FLOW else None  # SD3: masked flow-matching loss
         self.dataset.set_latents(self._encode_all(ldm))
 
         unet = copy.deepcopy(ldm.unet).to(dev)
@@ -83,7 +85,14 @@ class Finetuner:
             self.ema = EMAModel(self.params, decay=cfg.ema_decay)
             self.ema.to(dev)
             accelerator.register_for_checkpointing(self.ema)
-        self.noise_scheduler = DDPMScheduler.from_config(ldm.scheduler.config)
+        if self.flow_model is not None:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            from fgbg_utils.core.flow import training_sigmas
+            self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(ldm.scheduler.config)
+            self.sigmas = training_sigmas(ldm.scheduler)
+        else:
+            self.noise_scheduler = DDPMScheduler.from_config(ldm.scheduler.config)
         self.latent_shape = tuple(self.dataset.latents.shape[2:])
         self.kinds: Counter = Counter({k: 0 for k in KINDS})
         self.loss_curve: list[float] = []
@@ -135,8 +144,14 @@ class Finetuner:
             emb = torch.cat([self.emb[p] for p in batch["prompts"][mine]])
             added = self._added(batch["prompts"][mine])
             with acc.accumulate(self.unet):
-                loss = masked_step_loss(self.unet, self.noise_scheduler, z0, noise[mine].to(dev),
-                                        t[mine].to(dev), emb, mask, cfg.loss_norm, added)
+                if self.flow_model is not None:  # t indexes the training σ grid
+                    from fgbg_utils.core.flow import masked_flow_loss
+                    cond = families.Condition(emb, torch.cat([self.pooled[p] for p in batch["prompts"][mine]]))
+                    loss = masked_flow_loss(self.flow_model, self.unet, z0, noise[mine].to(dev),
+                                            self.sigmas[t[mine]].to(dev), cond, mask, cfg.loss_norm)
+                else:
+                    loss = masked_step_loss(self.unet, self.noise_scheduler, z0, noise[mine].to(dev),
+                                            t[mine].to(dev), emb, mask, cfg.loss_norm, added)
                 acc.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
