@@ -288,3 +288,23 @@ def test_flow_inpainting_keeps_the_background(sd3):
                                 batch_size=1)
     np.testing.assert_allclose(a, b, atol=1e-5)  # per-image seeds: independent of the batch
     assert not np.allclose(a, keep, atol=1e-3)  # the mask was repainted
+
+
+@torch.no_grad()
+def test_flux_guidance_is_true_cfg_of_the_diffusers_pipeline():
+    """Flux: v̂ = v(y_b) + s (v(y_f) − v(y_b)) is FluxPipeline's true CFG with y_f as the prompt and
+    y_b as the negative prompt, from the same initial latents (packed 2x2 there)."""
+    from diffusers import FluxPipeline
+
+    from fgbg_utils.core import flow
+    flux = FgBgPipeline.from_pretrained(str(tiny_family("flux")), device="cpu", dtype="float32").ldm
+    pipe = families.as_diffusers_pipeline(flux)
+    noise = flow.initial_noise(flux, [5])
+    packed = FluxPipeline._pack_latents(noise.clone(), 1, 4, 8, 8)
+    ref = pipe("a photo of a bird", negative_prompt="a photo of a background", true_cfg_scale=2.5,
+               num_inference_steps=4, latents=packed, height=16, width=16, output_type="latent",
+               max_sequence_length=512).images
+    ref = FluxPipeline._unpack_latents(ref, 16, 16, flux.vae_factor)
+    cf = families.encode_condition(flux, "a photo of a bird")
+    cb = families.encode_condition(flux, "a photo of a background")
+    torch.testing.assert_close(flow.sample(flux, cf, cb, 2.5, noise, 4), ref.float(), atol=1e-5, rtol=1e-5)

@@ -100,26 +100,6 @@ def as_diffusers_pipeline(ldm: LDM):
                                       scheduler=ldm.scheduler, **parts, **denoiser)
 
 
-ALL_STAGES = ("01", "02", "03", "04", "05", "06")
-STAGES_BY_FAMILY = {"sd": ALL_STAGES, "sdxl": ALL_STAGES,
-                    "sd3": ALL_STAGES, "flux": ("01", "02")}
-
-
-def unsupported_stages(family: str, stages) -> list[str]:
-    """The requested stages this family does not run yet (Flux: 01 and 02 only)."""
-    return [s for s in stages if str(s)[:2] not in STAGES_BY_FAMILY[family]]
-
-
-def require_stages(family: str, stages, path: str) -> None:
-    """ModelError naming `model.path`, the family and the fix when a stage is not supported."""
-    bad = unsupported_stages(family, stages)
-    if bad:
-        ok = ",".join(STAGES_BY_FAMILY[family])
-        raise ModelError(f"`model.path`={path!r} is a {family} model; stages {', '.join(bad)} run "
-                         f"for SD 1.x/2.x only so far ({family}: stages {ok}). Run with "
-                         f"--stages {ok}, or use an SD 1.x/2.x model.")
-
-
 # ----------------------------------------------------------------------------- tokens
 def text_segments(ldm: LDM) -> list[tuple[str, object, int, int]]:
     """(label, tokenizer, offset in the attention's text sequence, max tokens) per text segment."""

@@ -96,7 +96,8 @@ def decode(ldm: LDM, z: torch.Tensor) -> np.ndarray:
 
 
 def initial_noise(ldm: LDM, seed_list: Sequence[int]) -> torch.Tensor:
-    c, size = int(ldm.unet.config.in_channels), ldm.latent_size
+    """One N(0, I) latent (C, L, L) per seed (C: the VAE's latent channels; Flux packs 2x2 later)."""
+    c, size = int(ldm.vae.config.latent_channels), ldm.latent_size
     if not len(seed_list):
         return torch.zeros((0, c, size, size))
     return torch.stack([torch.randn((c, size, size), generator=torch.Generator().manual_seed(int(sd)))
@@ -114,7 +115,7 @@ def sample_guided(ldm: LDM, prompt_f: str, prompt_b: str, s, seed_list: Sequence
         z = sample(ldm, cf, cb, s, initial_noise(ldm, chunk), steps)
         images.append(decode(ldm, z))
         lats.append(z)
-    R, c, L = ldm.resolution, int(ldm.unet.config.in_channels), ldm.latent_size
+    R, c, L = ldm.resolution, int(ldm.vae.config.latent_channels), ldm.latent_size
     if not images:
         return np.zeros((0, R, R, 3), np.float32), torch.zeros((0, c, L, L))
     return np.concatenate(images), torch.cat(lats)

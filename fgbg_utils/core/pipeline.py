@@ -250,9 +250,6 @@ class FgBgPipeline:
         """Images in the canonical frame of this model: ((B, 3, R, R) in [-1, 1], frames)."""
         return to_canvases(images, self.ldm.resolution, self.ldm.vae_factor)
 
-    def _need_sd(self, stage: str) -> None:
-        families.require_stages(self.ldm.family, [stage], self.ldm.path)
-
     def _need_tuned(self, what: str) -> LDM:
         if self.tuned is None:
             raise ValueError(f"{what} needs the fine-tuned model m': use finetune(...), "
@@ -350,7 +347,6 @@ class FgBgPipeline:
         trainer's checkpoints and export. Returns a new pipeline with m and m'."""
         from fgbg_utils.training.finetune import FinetuneConfig, train
 
-        self._need_sd("03")
         if self.ldm.unet.dtype != torch.float32:
             raise ValueError(f"fine-tuning needs m in float32 (the UNet is {self.ldm.unet.dtype}); load "
                              f"it with dtype='float32' and set mixed_precision='bf16' for speed.")
@@ -386,7 +382,6 @@ class FgBgPipeline:
         y_f (`prompt_f`, default the masks' prompt) as stage 04 does. Seeds per image from
         (seed, ids[i]) as in stage 04 (ids default to the masks' ids)."""
 
-        self._need_sd("04")
         tuned = self._need_tuned("refine")
         if reference not in ("roundtrip", "original"):
             raise ValueError(f"reference={reference!r}; choose 'roundtrip' or 'original'")
@@ -452,7 +447,6 @@ class FgBgPipeline:
         (seeds derived from `seed`) or explicit `seeds`. Uses m' when loaded (`finetuned=None`),
         else m; `finetuned=True/False` forces one."""
 
-        self._need_sd("05")
         if (n is None) == (seeds is None):
             raise ValueError("give either n (number of samples) or seeds (one per sample)")
         seed_list = ([seeds_mod.derive_seed(seed, "pipeline-sample", str(i)) for i in range(n)]

@@ -73,8 +73,6 @@ def preflight(cfg, stages=()) -> None:
         raise ModelError(f"`model.path`={cfg.model.path!r}: no tokenizer could be loaded "
                          f"({str(e).splitlines()[0]}). Use a diffusers folder or hub id.") from None
     prompt_positions(tok, resolved_prompt(cfg), [cfg.object, *cfg.parts])
-    from fgbg_utils.core import families  # SDXL / SD3 / Flux: stages 01-02 only (issue 17)
-    families.require_stages(families.detect_family(source, cfg.model.revision), stages, cfg.model.path)
     split = cfg.evaluation.split
     if "06" in stages and not any(r.split == split for r in records):
         raise ParamsError(f"stage 06 evaluates on `evaluation.split`={split!r}, which has no images "

@@ -60,8 +60,6 @@ def run(cfg, force: bool = False, progress: bool = True, evaluate: bool = True) 
         metrics_path(cfg, "03").unlink(missing_ok=True)
     shards.wait()
     ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, "float32", config=cfg.model.config)
-    from fgbg_utils.core.families import require_stages
-    require_stages(ldm.family, ["03"], cfg.model.path)
     items = training_items(cfg, ldm)
     summary = finished_training(out, fcfg) or train(ldm, items, fcfg, out, resume=True, progress=progress)
     from accelerate import PartialState

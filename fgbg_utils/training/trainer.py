@@ -55,7 +55,8 @@ class Finetuner:
         self.emb = {p: c.emb.to(dev, torch.float32) for p, c in conds.items()}
         self.added = {p: families.added_conditions(c, dev, torch.float32) for p, c in conds.items()}
         self.pooled = {p: (None if c.pooled is None else c.pooled.to(dev, torch.float32)) for p, c in conds.items()}
-        self.flow_model = ldm if ldm.family in families.FLOW else None  # SD3: masked flow-matching loss
+        self.flow_model = ldm if ldm.family in families.FLOW else None  # SD3/Flux: masked flow-matching loss
+        self.text_ids = next(iter(conds.values())).text_ids if conds else None  # Flux's RoPE text ids
         self.dataset.set_latents(self._encode_all(ldm))
 
         unet = copy.deepcopy(ldm.unet).to(dev)
@@ -146,7 +147,8 @@ class Finetuner:
             with acc.accumulate(self.unet):
                 if self.flow_model is not None:  # t indexes the training σ grid
                     from fgbg_utils.core.flow import masked_flow_loss
-                    cond = families.Condition(emb, torch.cat([self.pooled[p] for p in batch["prompts"][mine]]))
+                    cond = families.Condition(emb, torch.cat([self.pooled[p] for p in batch["prompts"][mine]]),
+                                              text_ids=self.text_ids)
                     loss = masked_flow_loss(self.flow_model, self.unet, z0, noise[mine].to(dev),
                                             self.sigmas[t[mine]].to(dev), cond, mask, cfg.loss_norm)
                 else:
