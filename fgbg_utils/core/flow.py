@@ -138,10 +138,11 @@ def guidance_sweep(ldm: LDM, prompt_f: str, prompt_b: str, scales: Sequence[floa
 @torch.no_grad()
 def inpaint_background(ldm: LDM, canvases: torch.Tensor, m_pre: np.ndarray, prompt: str,
                        negative_prompt: str | None = None, guidance_scale: float = 1.0, steps: int = 50,
-                       seeds: list[int] | None = None, batch_size: int = 8) -> np.ndarray:
+                       seeds: list[int] | None = None, batch_size: int = 8, on_step=None) -> np.ndarray:
     """x̂ = m'(z̃₀, y_b) with a flow model: M_pre (B, L, L) repainted with `prompt`, ¬M_pre kept by
     latent blending in the flow's interpolation; guidance_scale > 1: v = v(y⁻) + s (v(y) − v(y⁻))
-    with y⁻ = `negative_prompt`. z₀ is the VAE posterior mean; one ε per image from its seed."""
+    with y⁻ = `negative_prompt`. z₀ is the VAE posterior mean; one ε per image from its seed.
+    `on_step(i, z)`: called with the latents after step i (1-based), e.g. to show the trajectory."""
     B = canvases.shape[0]
     seeds = list(range(B)) if seeds is None else [int(v) for v in seeds]
     cond = families.encode_condition(ldm, prompt)
@@ -161,6 +162,8 @@ def inpaint_background(ldm: LDM, canvases: torch.Tensor, m_pre: np.ndarray, prom
             z = z + (sig[i + 1] - sig[i]) * v
             known = (1 - sig[i + 1]) * z0 + sig[i + 1] * eps
             z = (1 - m) * known + m * z
+            if on_step is not None:
+                on_step(i + 1, z)
         out.append(decode(ldm, z))
     R = canvases.shape[-1]
     return np.concatenate(out) if out else np.zeros((0, R, R, 3), np.float32)
