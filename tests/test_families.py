@@ -45,7 +45,7 @@ def _reference(family, attn, args, kwargs, n_text):
     hs = kwargs.get("hidden_states", args[0] if args else None)
     enc = kwargs.get("encoder_hidden_states")
     if family == "sdxl":
-        q, k, v = _heads(attn.to_q(hs), attn.heads), _heads(attn.to_k(enc), attn.heads), _heads(attn.to_v(enc), attn.heads)
+        q, k, v = (_heads(f(x), attn.heads) for f, x in ((attn.to_q, hs), (attn.to_k, enc), (attn.to_v, enc)))
         rows, text_at = slice(None), 0
     elif family == "sd3":
         assert attn.norm_q is not None  # the fixture uses SD3.5's qk rms-norm
