@@ -26,7 +26,7 @@ from tests.fixtures.make_tiny_families import tiny_family
 FOLDER = str(PROJECT_ROOT / "params" / "folder.yaml")
 TINY = {"device": "cpu", "dtype": "float32", "T0": 5, "object": "bird",
         "attention": {"sweep": False, "batch_rows": 160},
-        "finetune": {"max_train_steps": 2, "batch_size": 2, "eval_samples": 0},
+        "finetune": {"max_train_steps": 2, "batch_size": 2, "eval_samples": 2, "eval_steps": 2},
         "refinement": {"steps": 3},
         "synthesis": {"n_images": 2, "steps": 3, "background_images": 1, "sweep_seeds": 1,
                       "sweep_scales": [0, 1]},
