@@ -308,3 +308,16 @@ def test_flux_guidance_is_true_cfg_of_the_diffusers_pipeline():
     cf = families.encode_condition(flux, "a photo of a bird")
     cb = families.encode_condition(flux, "a photo of a background")
     torch.testing.assert_close(flow.sample(flux, cf, cb, 2.5, noise, 4), ref.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_selection_in_the_fingerprint_only_when_set():
+    """`attention.layers` at its default (all) leaves stage 01's fingerprint as before the
+    parameter existed (existing run folders resume); a selection changes it."""
+    from fgbg_utils import load_params
+    from fgbg_utils.runs.params import PROJECT_ROOT
+    from fgbg_utils.runs.run_folder import fingerprint, stage_params
+    toy = PROJECT_ROOT / "params" / "toy.yaml"
+    default = stage_params(load_params(toy), "01")
+    assert "layers" not in default["attention"]
+    chosen = stage_params(load_params(toy, {"attention.layers": ["up_blocks.*"]}), "01")
+    assert chosen["attention"]["layers"] == ["up_blocks.*"] and fingerprint(chosen) != fingerprint(default)
