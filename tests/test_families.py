@@ -214,6 +214,12 @@ def test_maps_and_masks_on_the_canonical_frame(pipe):
     assert not masks.masks[:, ~valid].any()
 
 
+def test_components_build_the_family_pipeline(pipe):
+    cls = families.pipeline_class(pipe.ldm.family)
+    built = cls(**pipe.components)  # diffusers naming: the family's own pipeline accepts them
+    assert built.vae is pipe.ldm.vae
+
+
 def test_family_detection_and_errors(tmp_path):
     assert families.detect_family(str(tiny_family("sd3"))) == "sd3"
     assert families.detect_family("tests/fixtures/tiny-sd") == "sd"

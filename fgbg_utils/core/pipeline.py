@@ -237,10 +237,15 @@ class FgBgPipeline:
 
     @property
     def components(self) -> dict:
-        """m's vae, unet, text_encoder, tokenizer and scheduler (diffusers naming)."""
+        """m's vae, unet, text_encoder, tokenizer and scheduler (diffusers naming; SDXL, SD3, Flux:
+        also their other text encoders and tokenizers, and `transformer` instead of `unet`)."""
         m = self.ldm
-        return {"vae": m.vae, "unet": m.unet, "text_encoder": m.text_encoder,
-                "tokenizer": m.tokenizer, "scheduler": m.scheduler}
+        out = {"vae": m.vae, "unet": m.unet, "text_encoder": m.text_encoder,
+               "tokenizer": m.tokenizer, "scheduler": m.scheduler}
+        out.update({k: v for k, v in m.extras.items() if k.startswith(("text_encoder", "tokenizer"))})
+        if m.family in families.FLOW:
+            out["transformer"] = out.pop("unet")
+        return out
 
     @property
     def resolution(self) -> int:
