@@ -2,10 +2,10 @@
 make_photos.py: odd formats, one truncated file), with the tiny SDXL, SD3 and Flux pipelines
 (tests/fixtures/make_tiny_families.py), params/folder.yaml and `--set model.path=...`:
 
-* SD3 and Flux: stages 01-02 alone, one M_pre per readable photo, flow-matching σ as noise levels;
-* SDXL, SD3 and Flux: stages 01-06 (SDXL's added conditions; SD3's and Flux's masked flow-matching
-  loss, flow inpainting and velocity guidance, Flux's = true CFG); one refined mask and one
-  label-free U-Net mask per readable photo, at its own size.
+* SDXL, SD3 and Flux through stages 01-06: noise levels are DDIM t for SDXL and flow-matching σ
+  for SD3/Flux; SDXL's added conditions; SD3's and Flux's masked flow-matching loss, flow
+  inpainting and velocity guidance (Flux's = true CFG); one M_pre, one refined mask and one
+  label-free U-Net mask per readable photo, the last at the photo's own size.
 
 The stages run in process (`python -m fgbg_utils stage NN`'s code path, without notebooks); the
 `run` command with notebooks is measured in the README."""
@@ -49,23 +49,6 @@ def _masks(folder: Path) -> dict:
     return {p.stem: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_stages_01_02_one_mask_per_photo(family, photos, tmp_path):
-    root, readable = photos
-    cfg = _cfg(family, root, tmp_path / "run")
-    summary = s01.run(cfg, progress=False)
-    s02.run(cfg, progress=False)
-    assert summary["family"] == family and summary["resolution"] == 16
-    assert summary["n_images"] == len(readable) and len(summary["skipped_images"]) == 1
-    levels = summary["timesteps"]
-    assert len(levels) == 5 and 0 < min(levels) < max(levels) < 1  # flow-matching σ, not DDIM t
-    kinds = {"sd3": "transformer_blocks.", "flux": "single_transformer_blocks."}
-    assert any(n.startswith(kinds[family]) for n in summary["layers"])
-    masks = _masks(Path(cfg.run_dir) / "02_binarization" / "masks")
-    assert set(masks) == set(readable)
-    assert all(m.shape == (8, 8) for m in masks.values())  # M_pre on the latent grid
-
-
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_stages_01_to_06(family, photos, tmp_path):
     root, readable = photos
@@ -74,7 +57,18 @@ def test_stages_01_to_06(family, photos, tmp_path):
         stage.run(cfg, progress=False)
     s06.run(cfg, progress=False, log=lambda m: None)
     run = Path(cfg.run_dir)
-    assert json.loads((run / "01_attention_maps" / "summary.json").read_text())["family"] == family
+    summary = json.loads((run / "01_attention_maps" / "summary.json").read_text())
+    assert summary["family"] == family and summary["resolution"] == 16
+    assert summary["n_images"] == len(readable) and len(summary["skipped_images"]) == 1
+    levels = summary["timesteps"]
+    if family == "sdxl":
+        assert levels == [1, 21, 41, 61, 81]  # DDIM timesteps
+    else:
+        assert len(levels) == 5 and 0 < min(levels) < max(levels) < 1  # flow-matching σ
+    kinds = {"sdxl": "up_blocks.", "sd3": "transformer_blocks.", "flux": "single_transformer_blocks."}
+    assert any(n.startswith(kinds[family]) for n in summary["layers"])
+    m_pre = _masks(run / "02_binarization" / "masks")
+    assert set(m_pre) == set(readable) and all(m.shape == (8, 8) for m in m_pre.values())
     tuned = json.loads((run / "03_finetuning" / "fgbg_finetune.json").read_text())
     assert tuned["steps_done"] == 2
     refined = _masks(run / "04_refinement" / "refined")
