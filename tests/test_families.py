@@ -230,10 +230,16 @@ def test_family_detection_and_errors(tmp_path):
         models.load_ldm(str(broken), device="cpu")
 
 
-def test_row_bytes_for_a_transformer(pipe):
-    rows = attention.auto_batch_rows(pipe.ldm.unet, 128, free_bytes=80 * 2**30)
-    assert rows >= 1
-    joint_attention.QUERY_CHUNK  # the capture's logits block (memory bound)
+def test_row_bytes_for_a_transformer():
+    """batch_rows="auto" sizes transformer rows too (no block_out_channels in their config)."""
+    import types
+    cfg = types.SimpleNamespace(num_attention_heads=24, attention_head_dim=64)  # SD3-medium-shaped
+    fake = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, config=cfg)
+    per_row = attention.row_bytes(fake, 128)  # 1024 px
+    assert 0.5e9 < per_row < 10e9
+    assert attention.row_bytes(fake, 64) < per_row
+    assert attention.auto_batch_rows(fake, 128, free_bytes=int(10 * per_row / 0.7) + 1) == 10
+    assert joint_attention.QUERY_CHUNK * 24 * 4429 * 4 < per_row  # one fp32 logits block fits
 
 
 # ----------------------------------------------------------------------------- SD3: flow matching
