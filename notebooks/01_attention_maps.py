@@ -76,13 +76,13 @@ cfg = notebook_config(globals(), stage="01")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from fgbg_utils.core import models, tokens
+from fgbg_utils.core import families, models
 from fgbg_utils.core.pipeline import to_uint8
 image, gt, caption = wt.toy_example()
 pipe = wt.load_pipeline(cfg)
 ldm = pipe.ldm
 y_f = cfg.resolved_prompt
-positions = tokens.prompt_positions(ldm.tokenizer, y_f, cfg.words)
+positions = families.prompt_positions(ldm, y_f, cfg.words)  # CLIP (SD, SDXL), CLIP + T5 (SD3), T5 (Flux)
 print("the toy image's caption:", caption)
 print("prompt y_f:", y_f, "| token positions:", positions)
 
@@ -103,16 +103,16 @@ print("prompt y_f:", y_f, "| token positions:", positions)
 
 # %%
 import torch
-from fgbg_utils.core.attention import AttentionStore, capture_cross_attention
+from fgbg_utils.core.attention import AttentionStore
 x, frames = pipe.canvases(image)                                 # canonical frame, [-1, 1]
 z0 = models.encode_images(ldm, x, "mode")                        # z_0 = κ·E(x)
-t = torch.tensor([int(models.lowest_timesteps(ldm.scheduler, cfg.T0)[cfg.T0 // 2])])
+den = families.denoiser(ldm, families.encode_condition(ldm, y_f))  # the model call of this family
+t = den.levels(pipe.noise_levels(cfg.T0)[cfg.T0 // 2:][:1])      # a DDIM t (SD, SDXL) or σ (SD3, Flux)
 eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(cfg.seed))
-z_t = ldm.scheduler.add_noise(z0, eps, t)                        # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
+z_t = den.noised(z0, eps, t)                                     # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
 store = AttentionStore(positions[cfg.object], ldm.latent_size)
-with torch.no_grad(), capture_cross_attention(ldm.unet, store):
-    ldm.unet(z_t.to(ldm.device, ldm.unet.dtype), t.to(ldm.device),
-             encoder_hidden_states=models.encode_prompt(ldm, y_f))
+with torch.no_grad(), den.capture(store):                        # capture_cross_attention on attn2
+    den(z_t, t)
 psi = store.stacked()[0]                                         # (layers, tokens, h, h)
 canvas = to_uint8(x[0])
 fig = wt.image_and_maps(canvas, {f"ψ, t = {t.item()}\n{explorers._short_layer(name)}": psi[k, 0].numpy()
@@ -143,7 +143,7 @@ figs = explorers.attention_explorer(lambda _: views, ["walkthrough"], interactiv
 
 # %%
 # NBVAL_CHECK_OUTPUT
-grid = models.noise_grid(ldm.scheduler, cfg.attention.grid_steps)
+grid = pipe.noise_levels(cfg.attention.grid_steps, cfg.attention.grid_steps)  # SD3/Flux: σ of the flow grid
 print("T0 =", cfg.T0, "lowest levels:", sorted(grid.tolist())[:cfg.T0])
 
 # %% [markdown]

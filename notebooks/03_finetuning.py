@@ -84,17 +84,14 @@ fig = wt.rectangles_figure(to_uint8(x[0]), m_pre, draws, ldm.vae_factor)
 # %%
 # NBVAL_CHECK_OUTPUT
 import torch
-from diffusers import DDPMScheduler
 from fgbg_utils.core import models
-from fgbg_utils.training.objective import masked_step_loss, step_noise
+from fgbg_utils.training.objective import batch_loss, step_noise
 z0 = models.encode_images(ldm, x, "mode")                        # z_0 = κ·E(x)
-noise_scheduler = DDPMScheduler.from_config(ldm.scheduler.config)  # as the trainer
-t, eps = step_noise(cfg.seed, 0, 0, 1, tuple(z0.shape[1:]), noise_scheduler.config.num_train_timesteps)
+t, eps = step_noise(cfg.seed, 0, 0, 1, tuple(z0.shape[1:]), ldm.scheduler.config.num_train_timesteps)
 m = torch.from_numpy(draws[0][0])[None, None].float()
-with torch.no_grad():
-    loss = masked_step_loss(ldm.unet, noise_scheduler, z0.float(), eps.to(z0.device), t.to(z0.device),
-                            models.encode_prompt(ldm, cfg.background_prompt), m.to(z0.device),
-                            cfg.finetune.loss_norm)
+with torch.no_grad():  # as the trainer (SD3 / Flux: the flow-matching loss at the training grid's σ[t])
+    loss = batch_loss(ldm, z0.float(), eps.to(z0.device), t.to(z0.device), cfg.background_prompt,
+                      m.to(z0.device), cfg.finetune.loss_norm)
 print(f"t = {t.item()}, supervised latent pixels = {int(m.sum())}, masked loss = {loss.item():.3g}")
 
 # %% [markdown]

@@ -61,6 +61,8 @@ class AttentionParams(Section):
     latent: Literal["mode", "sample"] = P("mode", "VAE posterior: mode (deterministic) or sample [C]")
     sweep: bool = P(True, "also keep all grid_steps per-timestep maps for the T0 sweep")
     keep_per_layer: bool = P(True, "keep per-layer maps for exploration")
+    layers: Optional[list[str]] = P(None, "layers averaged into M̂: fnmatch patterns of their names, "
+                                          "e.g. 'up_blocks.*'; null = all [P]")
 
 
 class BinarizationParams(Section):

@@ -211,6 +211,13 @@ def inpaint_trace(tuned, canvas: torch.Tensor, m_pre: np.ndarray, prompt_b: str,
     from fgbg_utils.core.synthesis import decode_latents
 
     keep = sorted({max(1, round(steps * k / show)) for k in range(1, show + 1)})
+    if getattr(tuned, "family", "sd") in ("sd3", "flux"):  # the flow loop of core/flow.py
+        from fgbg_utils.core import flow
+        kept = {}
+        grab = lambda i, z: kept.__setitem__(i, z.clone()) if i in keep else None  # noqa: E731
+        x_hat = flow.inpaint_background(tuned, canvas[None], m_pre[None], prompt_b, steps=steps,
+                                        seeds=[seed], on_step=grab)[0]
+        return x_hat, {k: decode_latents(tuned, z)[0] for k, z in sorted(kept.items())}
     rec = _StepRecorder(make_inpaint_pipeline(tuned), keep)
     x_hat = inpaint_background(tuned, canvas[None], m_pre[None], prompt_b, steps=steps, seeds=[seed],
                                batch_size=1, pipe=rec)[0]
