@@ -1,6 +1,6 @@
 # make demo: create .venv if missing, install, run the default toy pipeline headless (runs/toy),
 #            stages 01-06, then write runs/toy/report.html.
-# make test: install what the tests need and run them (unit tests + nbval on notebooks 00b, 01-06).
+# make test: install what the tests need and run them (unit tests + nbval on notebooks 00b, 01-07).
 # make lab:  open JupyterLab on notebooks/ with the project's environment (jupytext pairs each
 #            .ipynb with its notebooks/NN_*.py source; the kernel is registered as `python3`, the
 #            kernelspec the notebooks store, so opening one does not rewrite it).
