@@ -167,6 +167,24 @@ display(Markdown(percent_table(cfg.run_dir, stages=("02", "04"))))
 display(Markdown(refinement_verdicts(cfg.run_dir)))
 
 # %% [markdown]
+# ## Does refinement need $m'$? The ablation
+#
+# Stage 04 also paints the object away with the **pretrained** $m$ instead of the fine-tuned $m'$
+# (`ablation.refine_with_m`), with the same seeds, guidance and GMM. If concept distillation is what
+# teaches the model to paint this dataset's backgrounds (the paper's Fig. 7), $M$ with $m'$ should beat
+# $M$ with $m$. The sentence below is written from this run's numbers; the study (notebook 07) repeats it
+# over worlds.
+
+# %%
+# NBVAL_SKIP
+from pathlib import Path
+from fgbg_utils.io import read_json
+from fgbg_utils.views.ablation_views import ablation_figure, ablation_sentence
+m03 = cfg.run_dir + "/metrics/03_finetuning.json"
+display(Markdown(ablation_sentence(result, read_json(m03) if Path(m03).exists() else None)))
+fig = ablation_figure(cfg, n=4)
+
+# %% [markdown]
 # ## Best and worst images: original, $M_{pre}$, inpainted background, difference, $M$
 
 # %%

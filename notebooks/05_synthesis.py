@@ -106,6 +106,23 @@ print(f"{result['n_images']} synthetic images (s = {result['guidance']:g}), "
 fig = views.guidance_sweep(cfg)
 
 # %% [markdown]
+# ## FID of $D'$ against $s$ (the paper's Table 3 and Fig. 8)
+#
+# The Fréchet distance between Gaussians fitted to the features of real and synthetic images,
+# $\mathrm{FID} = \lVert\mu_r-\mu_g\rVert^2 + \mathrm{Tr}\big(\Sigma_r+\Sigma_g-2(\Sigma_r\Sigma_g)^{1/2}\big)$
+# (torchmetrics). On the toy world the features come from a small network of the project's own, trained on
+# the toy generator's labels (`models/toy-features`); on real data from Inception-v3
+# (`synthesis.fid_features`). The floor is the FID between two halves of the real images: the noise
+# level of this sample size. Toy and paper FIDs live in different feature spaces: compare the shape of
+# the curve, not its level.
+
+# %%
+# NBVAL_SKIP
+from fgbg_utils.views import evidence
+print(evidence.fid_table(cfg.run_dir))
+fig = evidence.fid_curve(cfg.run_dir)
+
+# %% [markdown]
 # ## Browse $D'$ with its masks $D'_m$, cut-outs $D'_f$ and backgrounds $D'_b$
 
 # %%
