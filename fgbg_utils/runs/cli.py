@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from fgbg_utils.data.datasets import DatasetError
     from fgbg_utils.core.models import ModelError
     from fgbg_utils.runs.params import ParamsError
-    from fgbg_utils.runs.run_folder import StageError
+    from fgbg_utils.storage import StageError
     from fgbg_utils.core.tokens import TokenError
     try:
         if args.cmd == "run":

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from fgbg_utils.runs.params import PROJECT_ROOT, SCHEMA, ParamsError, load_params
-from fgbg_utils.runs.run_folder import StageError
+from fgbg_utils.storage import StageError
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
 

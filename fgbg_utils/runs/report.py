@@ -18,7 +18,7 @@ from nbconvert import HTMLExporter
 from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
 
 from fgbg_utils.io import atomic_write_text
-from fgbg_utils.runs.run_folder import StageError
+from fgbg_utils.storage import StageError
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
 PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm bar: " 40%|████      | 4/10 [00:01<...]"

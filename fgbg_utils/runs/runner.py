@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fgbg_utils.io import atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import run_lock
+from fgbg_utils.storage import run_lock
 from fgbg_utils.runs.notebook import notebook_parameters, portable, relative
 from fgbg_utils.runs.params import PROJECT_ROOT, ParamsError, load_params, save_params
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES

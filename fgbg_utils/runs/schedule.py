@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
 
-from fgbg_utils.runs.run_folder import run_lock
+from fgbg_utils.storage import run_lock
 from fgbg_utils.stages.registry import STAGES
 
 
@@ -85,7 +85,7 @@ def run_job(name: str, cfg, force: bool) -> float:
 
 def pending_stages(cfg, stages, force: bool) -> list[str]:
     """The stages of `stages` whose outputs are not finished for this config and code."""
-    from fgbg_utils.runs.run_folder import stage_problem
+    from fgbg_utils.storage import stage_problem
 
     stale = [n for n in stages if force or stage_problem(cfg, n) is not None]
     return [n for n in stages if stale and n >= min(stale)]  # downstream of a stale stage: rerun

@@ -16,7 +16,7 @@ from fgbg_utils.core.frame import Frame
 from fgbg_utils.data.datasets import CorruptImageError, DatasetError, image_size, load_image
 from fgbg_utils.data.loader import load_dataset
 from fgbg_utils.io import atomic_save_npz, atomic_write_json
-from fgbg_utils.runs.run_folder import locked_stage, update_stage
+from fgbg_utils.storage import locked_stage, update_stage
 from fgbg_utils.stages.common import Shards, groups, load_pipeline, open_sharded
 
 STAGE = "01_attention_maps"

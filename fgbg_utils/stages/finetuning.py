@@ -16,7 +16,7 @@ from fgbg_utils.core.frame import image_to_canvas
 from fgbg_utils.runs.params import resolved_prompt
 from fgbg_utils.core import seeds
 from fgbg_utils.io import atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import locked_stage, metrics_path, update_stage
+from fgbg_utils.storage import locked_stage, metrics_path, update_stage
 from fgbg_utils.stages.binarization import load_mpre
 
 STAGE = "03_finetuning"
