@@ -98,14 +98,10 @@ def relaunch(n: int) -> int:
 def die_with_parent() -> None:
     """Linux: SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG), so a killed launch
     leaves no worker writing into the run folder (torchrun starts workers in their own sessions)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
     import signal
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+    from fgbg_utils.storage.lifetime import die_with_parent as pdeathsig
+    pdeathsig(signal.SIGTERM)
 
 
 def ensure_workers() -> None:

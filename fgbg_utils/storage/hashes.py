@@ -95,7 +95,7 @@ def check_outputs(run_dir: str | Path, record: dict, full: bool = False) -> list
             bad.append(f"{rel} (missing)")
             continue
         if st.st_size != size:
-            why = "truncated" if st.st_size < size else "altered"
+            why = "truncated or altered" if st.st_size < size else "altered"
             bad.append(f"{rel} ({why}: {st.st_size} bytes, recorded {size})")
         elif (full or st.st_mtime_ns != mtime) and file_hash(p) != digest:
             bad.append(f"{rel} (altered: its content differs from the recorded hash)")
