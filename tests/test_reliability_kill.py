@@ -37,7 +37,8 @@ def tagged(tag: str) -> list[str]:
             continue
         try:
             if f"FGBG_TEST_TAG={tag}".encode() in (d / "environ").read_bytes().split(b"\0"):
-                found.append(f"{d.name} {(d / 'cmdline').read_bytes().replace(b'\0', b' ')[:120]!r}")
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")[:120]
+                found.append(f"{d.name} {cmd!r}")
         except OSError:
             continue
     return found
@@ -88,7 +89,7 @@ def test_kill_9_of_the_main_process_mid_stage_03_and_06_leaves_no_worker(tmp_pat
 
 def test_ctrl_c_is_one_line_marks_the_manifest_and_resumes(tmp_path):
     out = tmp_path / "run"
-    sets = {**TINY, "dataset.n_train": 8, "T0": 40}
+    sets = {**TINY, "dataset.n_train": 4, "T0": 25}
     proc, tag = start(out, sets, "--stages", "01", "--jobs", "1")
     wait_for(lambda: unfinished(out / "01_attention_maps" / "stage.json"), proc, 300)
     time.sleep(1)

@@ -277,6 +277,9 @@ def die_with_run() -> None:
     parent = os.environ.get("JPY_PARENT_PID")
     if os.environ.get(LOCK_ENV) and parent and parent.isdigit() and int(parent) == os.getppid():
         die_with_parent(parent=int(parent))
+        # a Ctrl-C of the run stops this kernel mid-cell: the run says so in one line, the
+        # kernel's own log (its console is the run's) would add a traceback
+        logging.getLogger("IPKernelApp").setLevel(logging.CRITICAL)
 
 
 def _set_figures() -> None:
