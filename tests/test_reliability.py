@@ -64,7 +64,8 @@ def test_a_failed_stage_keeps_the_finished_notebook(run_copy):
     partial.write_text(json.dumps(failed))
     _keep_failed(partial, final)
     assert final.read_bytes() == kept and not partial.exists()
-    assert json.loads(final.with_name("01_attention_maps.failed.ipynb").read_text())["metadata"]["papermill"]["exception"]
+    failed_copy = json.loads(final.with_name("01_attention_maps.failed.ipynb").read_text())
+    assert failed_copy["metadata"]["papermill"]["exception"]
     partial.write_text('{"cells": [')  # cut short by a full disk: dropped, never shown as a notebook
     _keep_failed(partial, final)
     assert final.read_bytes() == kept and not partial.exists()

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
                    help="pick the phase-2 snapshot with the best M_pre IoU on the validation world "
                    "(dataset.seed=100); --no-select-on-validation ships the last weights")
     args = ap.parse_args(argv)
+    if args.cmd == "verify":  # reads files only: no torch, no model
+        return verify(args.run_dir)
 
     from fgbg_utils.data.datasets import DatasetError
     from fgbg_utils.core.models import ModelError
@@ -113,10 +115,6 @@ def main(argv=None) -> int:
             from fgbg_utils.runs.report import write_report
             existing_run_dir(args.run_dir)
             print(f"wrote {write_report(args.run_dir)}")
-        elif args.cmd == "verify":
-            from fgbg_utils.storage.verify import verify_run
-            problems = verify_run(existing_run_dir(args.run_dir))
-            return 1 if problems else 0
         elif args.cmd == "train-toy":
             from fgbg_utils.training.toy_recipe import SHIPPED_STEPS, train_toy_recipe
             steps = {"vae_steps": args.vae_steps, "phase1_steps": args.phase1_steps,
@@ -150,6 +148,19 @@ def main(argv=None) -> int:
               f"the run folder's notebooks/ shows the cell and the full traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def verify(run_dir: str) -> int:
+    """`verify DIR`: 0 when every recorded output matches, 1 when some do not, 2 without a run folder."""
+    from fgbg_utils.runs.params import resolve_path
+    from fgbg_utils.storage import StageError
+    from fgbg_utils.storage.verify import verify_run
+
+    try:
+        return 1 if verify_run(existing_run_dir(resolve_path(run_dir))) else 0
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def existing_run_dir(path: str):

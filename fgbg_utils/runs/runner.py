@@ -9,7 +9,6 @@ import os
 import platform
 import subprocess
 import time
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from fgbg_utils.storage import run_lock
 from fgbg_utils.storage.errors import storage_error
 from fgbg_utils.storage.lifetime import pool_worker_init
 from fgbg_utils.storage.lock import make_folder
+from fgbg_utils.storage.manifest import Manifest, now, read_manifest
 from fgbg_utils.runs.notebook import notebook_parameters, portable, relative
 from fgbg_utils.runs.params import PROJECT_ROOT, ParamsError, load_params, save_params
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
@@ -54,10 +54,6 @@ def git_state() -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def preflight(cfg, stages=()) -> None:
@@ -218,16 +214,16 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
         make_folder(run_dir / "notebooks")
         save_params(portable(cfg), run_dir / "params.yaml")
         manifest_path = run_dir / "manifest.json"
-        manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
+        manifest = read_manifest(run_dir)
         manifest.update({
             "params_file": relative(params_file), "overrides": list(sets), "params": portable(cfg),
             "seeds": {"seed": cfg.seed, "dataset.seed": cfg.dataset.seed,
                       "binarization.gmm_seed": cfg.binarization.gmm_seed},
-            "versions": package_versions(), "git": git_state(), "force": force, "started": _now()})
+            "versions": package_versions(), "git": git_state(), "force": force, "started": now()})
         manifest.pop("interrupted", None)
         atomic_write_json(manifest_path, manifest)
         manifest.pop("jobs", None)
-        book = _Book(run_dir, manifest, log)
+        book = Manifest(run_dir, manifest, log)
         try:
             if "00" in order:
                 _execute_in_order(["00"], {}, book)
@@ -255,41 +251,7 @@ def log_skipped(run_dir: Path, log=print) -> None:
             + (f"; … (all in {path})" if len(skipped) > 20 else ""))
 
 
-class _Book:
-    """The manifest's record of each stage notebook (status, start, seconds) and the log lines."""
-
-    def __init__(self, run_dir: Path, manifest: dict, log):
-        self.run_dir, self.manifest, self.log = run_dir, manifest, log
-
-    def save(self) -> None:
-        self.manifest["stages"] = dict(sorted(self.manifest["stages"].items()))  # stage order
-        atomic_write_json(self.run_dir / "manifest.json", self.manifest)
-
-    def start(self, name: str) -> None:
-        self.log(f"[fgbg] stage {name} ...")
-        self.manifest["stages"][name] = {"status": "running", "started": _now()}
-        self.save()
-
-    def interrupted(self) -> None:
-        """Ctrl-C: the stages still running are marked `interrupted` (a rerun resumes them)."""
-        for record in self.manifest["stages"].values():
-            if record.get("status") == "running":
-                record["status"] = "interrupted"
-        self.manifest["interrupted"] = _now()
-        self.save()
-
-    def finish(self, name: str, seconds: float, error: BaseException | None = None) -> None:
-        self.manifest["stages"][name].update(status="failed" if error else "done", seconds=round(seconds, 1))
-        if not error:
-            self.manifest["finished"] = _now()
-        self.save()
-        nb = self.run_dir / "notebooks" / f"{name}.failed.ipynb"
-        nb = nb if nb.exists() else nb.with_name(f"{name}.ipynb")
-        self.log(f"[fgbg] stage {name} failed; see {nb}" if error
-                 else f"[fgbg] stage {name} done in {seconds:.0f} s")
-
-
-def _execute_in_order(keys, parameters: dict, book: _Book) -> None:
+def _execute_in_order(keys, parameters: dict, book: Manifest) -> None:
     """The notebooks of `keys`, one after the other; the first failure is raised."""
     for name in (STAGES[k] for k in keys):
         book.start(name)
@@ -304,7 +266,7 @@ def _execute_in_order(keys, parameters: dict, book: _Book) -> None:
         book.finish(name, time.time() - t0)
 
 
-def _execute_parallel(cfg, keys, params_file, workers: int, force: bool, book: _Book) -> list[str]:
+def _execute_parallel(cfg, keys, params_file, workers: int, force: bool, book: Manifest) -> list[str]:
     """The stages' work as jobs on `workers` processes (runs/schedule.py). Each stage's notebook
     is executed as soon as its work is done, at the lowest CPU priority: it fills cores the jobs
     leave idle and then only reads finished outputs. Returns the stages left for the notebooks to

@@ -119,7 +119,7 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None, part: tuple[
         listed = "; ".join(f"{p} ({why})" for p, why in sorted(set(map(tuple, bad_all)))[:10])
         raise DatasetError(f"no image of the dataset could be read ({len(records)} listed"
                            + (f"; unreadable: {listed}" if listed else "") + "). Replace the "
-                           f"damaged files or point dataset.root at a folder of readable images.")
+                           "damaged files or point dataset.root at a folder of readable images.")
     positions = tokens.prompt_positions(ldm.tokenizer, cfg.resolved_prompt, words)
     summary = {"prompt": cfg.resolved_prompt, "token_positions": positions,
                "token_pieces": {w: d["tokens"] for w, d in info.items()},
