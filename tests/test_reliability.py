@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -209,6 +211,40 @@ def test_a_read_only_run_folder_is_one_message(two_stages, tmp_path, capsys, mon
     assert main(["stage", "02", str(TOY), *SETS, "--out", str(run), "--force"]) == 2
     err = capsys.readouterr().err
     assert f"{run}/02_binarization is read-only" in err and "Traceback" not in err
+
+
+@contextmanager
+def tmpfs(path, size: str):
+    """A small tmpfs at `path` where root may mount one (else the test is skipped: the injected
+    OSError tests above cover the same paths)."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True)
+    if r.returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_real_full_disk_then_a_read_only_one(tmp_path, capsys):
+    with tmpfs(tmp_path / "disk", "16k") as disk:
+        run = disk / "run"
+        assert main(["stage", "01", str(TOY), *SETS, "--out", str(run)]) == 2
+        err = capsys.readouterr().err  # (after the model's loading bars)
+        assert "error: no space left on the disk of " in err.strip().splitlines()[-1]
+        assert str(disk) in err and "Traceback" not in err and err.count("error:") == 1
+        for p in run.rglob("*"):  # nothing a later command would read as valid is cut short
+            assert not p.name.endswith(".tmp")
+            if p.suffix == ".json":
+                json.loads(p.read_text())
+            elif p.suffix == ".npz":
+                np.load(p)["mhat"]
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert main(["stage", "01", str(TOY), *SETS, "--out", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "is read-only" in err and str(run) in err and "Traceback" not in err
 
 
 def test_report_flags_a_damaged_notebook(run_copy, capsys):

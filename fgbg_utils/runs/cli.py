@@ -93,7 +93,9 @@ def main(argv=None) -> int:
             from fgbg_utils.stages.common import ensure_workers
             ensure_workers()  # accelerate's launcher on a machine without GPUs starts one process
             from fgbg_utils.stages.registry import stage_module
+            from fgbg_utils.runs.runner import check_model_folder
             cfg = load_params(args.params, args.sets, run_dir=args.out)
+            check_model_folder(cfg.model.path)
             stage_module(args.number).run(cfg, force=args.force)
             from accelerate import PartialState
             if PartialState().is_main_process:

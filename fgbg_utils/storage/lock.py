@@ -77,8 +77,12 @@ def run_lock(run_dir: str | Path):
         except OSError as e:
             raise storage_error(e, run_dir) or e
         else:
-            with os.fdopen(fd, "w") as f:
-                json.dump(mine, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(mine, f)
+            except OSError as e:
+                path.unlink(missing_ok=True)
+                raise storage_error(e, run_dir) or e
             break
         try:
             other = read_json(path)
