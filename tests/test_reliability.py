@@ -323,3 +323,27 @@ def test_relative_run_folders_are_read_where_run_writes_them(two_stages, capsys,
     monkeypatch.chdir(tmp_path)
     assert main(["metrics", rel]) == 0
     assert f"run folder: {two_stages.run_dir}" in capsys.readouterr().out
+
+
+def test_the_console_names_skipped_images(tmp_path):
+    from fgbg_utils.runs.runner import log_skipped
+
+    (tmp_path / "01_attention_maps").mkdir()
+    (tmp_path / "01_attention_maps" / "summary.json").write_text(json.dumps(
+        {"skipped_images": [["/data/images/bad.jpg", "cannot decode 'bad.jpg' (truncated)"]]}))
+    lines = []
+    log_skipped(tmp_path, lines.append)
+    assert lines and "bad.jpg" in lines[0] and "skipped 1 unreadable image" in lines[0]
+
+
+def test_a_model_folder_without_a_component_names_it(tmp_path):
+    from fgbg_utils.core.models import ModelError
+    from fgbg_utils.runs.params import PROJECT_ROOT
+    from fgbg_utils.runs.runner import check_model_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(PROJECT_ROOT / "models" / "toy-ldm", model)
+    check_model_folder(str(model))
+    shutil.rmtree(model / "vae")
+    with pytest.raises(ModelError, match="has no vae/ folder"):
+        check_model_folder(str(model))
