@@ -242,7 +242,7 @@ def _check_work(cfg: Config, source: str) -> None:
     steps = cfg.finetune.max_train_steps
     if steps is not None and steps < 1:
         raise ParamsError(f"{source}: `finetune.max_train_steps` is {steps}; stage 03 needs a "
-                          f"positive number of optimizer steps (the toy run uses 600).")
+                          f"positive number of optimizer steps (params/toy.yaml uses 1500).")
 
 
 def resolved_prompt(cfg: Config, prompt: str | None = None) -> str:
