@@ -67,3 +67,30 @@ def test_max_train_steps_required(run, tmp_path):
     bad = load_params(TOY, {**TINY, "finetune.max_train_steps": None}, run_dir=cfg.run_dir)
     with pytest.raises(ValueError, match="finetune.max_train_steps"):
         stage_finetune.run(bad, progress=False)
+
+
+def test_ablation_paints_with_the_pretrained_m(run):
+    """refined_with_m is the same refinement painted by m instead of m': bit for bit a pipeline whose
+    'fine-tuned' model is m itself, and not what m' paints."""
+    import numpy as np
+    from PIL import Image
+    from fgbg_utils.core.pipeline import FgBgPipeline
+    from fgbg_utils.data.datasets import load_image
+    from fgbg_utils.stages.common import load_pipeline, processed_records
+
+    cfg, _, s04 = run
+    assert 0 <= s04["refined_with_m"]["iou"] <= 1 and "painted by the pretrained m" in s04["refined_with_m_note"]
+    records = processed_records(cfg)[:2]
+    ids = [r.id for r in records]
+    pipe = load_pipeline(cfg, finetuned=True)
+    images = [load_image(r.image, max_side=pipe.resolution) for r in records]
+    m_pre = [stage_binarization.load_mpre(cfg, i) for i in ids]
+    with_m = stage_refinement.refine_images(cfg, pipe, images, ids, m_pre, model="pretrained")
+    m_as_tuned = stage_refinement.refine_images(cfg, FgBgPipeline(pipe.ldm, tuned=pipe.ldm), images, ids, m_pre)
+    with_m_prime = stage_refinement.refine_images(cfg, pipe, images, ids, m_pre)
+    assert np.array_equal(with_m.backgrounds, m_as_tuned.backgrounds)
+    assert not np.array_equal(with_m.backgrounds, with_m_prime.backgrounds)
+    for k, i in enumerate(ids):
+        saved = np.asarray(Image.open(stage_refinement.out_path(cfg, "background_with_m", i)))
+        assert np.array_equal(saved, (with_m.backgrounds[k] * 255).round().astype(np.uint8))
+        assert np.array_equal(stage_refinement.load_refined(cfg, i, "refined_with_m"), with_m.masks[k])

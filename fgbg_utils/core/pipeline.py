@@ -371,13 +371,15 @@ class FgBgPipeline:
                steps: int = 50, guidance_scale: float = 1.0, reference: str = "roundtrip",
                gmm_seed: int = 0, orphan_filter: bool = True, postprocess: bool = False,
                prompt_b: str = BACKGROUND_PROMPT, prompt_f: str | None = None,
-               batch_size: int = 8) -> Refinement:
+               batch_size: int = 8, model: str = "finetuned") -> Refinement:
         """Paint the object away with m' (x̂ = m'(z̃₀, y_b) on M_pre), d = |x_ref − x̂|,
         M = M_pre,up ∧ GMM(d); plus the M_crop baseline. guidance_scale > 1 contrasts y_b against
         y_f (`prompt_f`, default the masks' prompt) as stage 04 does. Seeds per image from
-        (seed, ids[i]) as in stage 04 (ids default to the masks' ids)."""
-
-        tuned = self._need_tuned("refine")
+        (seed, ids[i]) as in stage 04 (ids default to the masks' ids). `model="pretrained"`
+        paints with m instead of m' (the ablation: does refinement need the fine-tuning?)."""
+        if model not in ("finetuned", "pretrained"):
+            raise ValueError(f"model={model!r}; choose 'finetuned' (m') or 'pretrained' (m)")
+        tuned = self.ldm if model == "pretrained" else self._need_tuned("refine")
         if reference not in ("roundtrip", "original"):
             raise ValueError(f"reference={reference!r}; choose 'roundtrip' or 'original'")
         x, frames = self.canvases(images)

@@ -1,10 +1,11 @@
-"""Command line: `python -m fgbg_utils run|stage|predict|metrics|report|verify|train-toy ...`.
+"""Command line: `python -m fgbg_utils run|stage|study|predict|metrics|report|verify|train-toy ...`.
 Relative folders (run folders, --images, --out) are resolved against the project root, as
 `run_dir` in a parameter file is, and each command says which folder it uses."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -39,6 +40,14 @@ def main(argv=None) -> int:
                     help="unreadable images: skip and list them (default) or stop")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--batch-size", type=int, default=None)
+    sd = sub.add_parser("study", help="Table 2 over toy worlds x U-Net init seeds: 95 %% intervals "
+                        "and a paired verdict per step (DIR/study.json, DIR/study.md)")
+    sd.add_argument("params")
+    sd.add_argument("--worlds", default="0,1,2", help="dataset seeds, e.g. 0,1,2 (never 100: the validation world)")
+    sd.add_argument("--unet-seeds", default="0,1,2", help="segmentation.seed values, e.g. 0,1,2")
+    sd.add_argument("--out", required=True, help="study folder: DIR/world-<w>/ run folders, study.json, study.md")
+    sd.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    sd.add_argument("--jobs", default="auto", help="worker processes of the job graph (auto: 2 on a CPU)")
     m = sub.add_parser("metrics", help="print the metrics table of a run folder")
     m.add_argument("run_dir")
     rep = sub.add_parser("report", help="write DIR/report.html: the metrics table and the executed notebooks")
@@ -109,6 +118,12 @@ def main(argv=None) -> int:
                                  args.on_corrupt, args.device, args.batch_size)
             print(f"wrote {res['n_written']} mask(s) to {args.out}"
                   + (f"; skipped {len(res['skipped'])} unreadable file(s)" if res["skipped"] else ""))
+        elif args.cmd == "study":
+            from fgbg_utils.runs.study import parse_ints, run_study
+            study = run_study(args.params, parse_ints(args.worlds, "--worlds"),
+                              parse_ints(args.unet_seeds, "--unet-seeds"), args.out, args.sets, args.jobs)
+            print(f"\nwrote {args.out}/study.json and study.md ({study['seconds'] / 60:.1f} min)\n")
+            print((Path(args.out) / "study.md").read_text())
         elif args.cmd == "metrics":
             from fgbg_utils.runs.runner import metrics_table
             print(f"run folder: {existing_run_dir(args.run_dir)}\n")

@@ -112,6 +112,10 @@ class EvaluationParams(Section):
     figure_images: int = P(8, "images in figure grids", ge=0)
 
 
+class AblationParams(Section):
+    refine_with_m: bool = P(True, "stage 04 also refines with the pretrained m (does M need the fine-tuned m'?)")
+
+
 class Config(Section):
     """All parameters of a run. Top-level keys are also the notebooks' papermill parameters."""
     run_dir: str = P("runs/toy", "run folder for all stage outputs (relative paths: project root)")
@@ -132,6 +136,7 @@ class Config(Section):
     synthesis: SynthesisParams = Field(default_factory=SynthesisParams, description="stage 05")
     segmentation: SegmentationParams = Field(default_factory=SegmentationParams, description="stage 06")
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams, description="stage 06 metrics")
+    ablation: AblationParams = Field(default_factory=AblationParams, description="ablations of the method's steps")
 
     @property
     def resolved_prompt(self) -> str:

@@ -131,6 +131,28 @@ def train_rows(cfg, rows, force: bool = False, log=print) -> list[str]:
     return list(sets)
 
 
+def unet_rows_with_seed(cfg, seed: int, out: Path, log=print, processes: int | None = None) -> dict:
+    """The U-Net rows of stage 06 with another init seed (`segmentation.seed`), trained into `out`
+    (not the run's 06_evaluation/) from the run's finished stages and scored like stage 06:
+    {row: pooled metrics}. A network of the same fingerprint in `out` is loaded, not retrained."""
+    seeded = cfg.model_copy(deep=True)
+    seeded.segmentation.seed = int(seed)
+    check_inputs(seeded, sorted({n for r in seeded.segmentation.rows for n in ROW_INPUTS[r]}),
+                 f"the U-Nets with seed {seed}")
+    train, test = _splits(seeded)
+    gt_test, _ = load_ground_truth(test)
+    by_id = {r.id: r for r in train + test}
+    image_of = lambda i: load_image(by_id[i].image)  # noqa: E731
+    sets = _training_sets(seeded, list(seeded.segmentation.rows), train, {"skipped_rows": {}})
+    trained = train_or_load(seeded, Path(out), sets, log, progress=False, processes=processes)
+    scorer = _Scorer(seeded, gt_test, image_of)
+    for row in ROWS:
+        if row in trained:
+            scorer.score_model(row, trained[row][0], Path(out) / "predictions" / row)
+    return {row: {k: v for k, v in res.items() if k != "per_image_iou"}
+            for row, res in (scorer.results() if gt_test else {}).items()}
+
+
 # ----------------------------------------------------------------------------- masks of the run
 def frames_of(cfg, ids) -> dict:
     from fgbg_utils.stages.attention_maps import load_frame

@@ -1,6 +1,8 @@
 """Stage 04: refine M_pre by painting the object away with the fine-tuned model m' (METHOD §2.4):
 x̂ = m'(z̃₀, y_b) with M_pre repainted, d = mean_RGB |x_ref − x̂|, M = M_pre,up ∧ GMM(d).
-The M_crop baseline replaces m' by the largest background strip mirrored over the object."""
+The M_crop baseline replaces m' by the largest background strip mirrored over the object. With
+`ablation.refine_with_m`, the same refinement with the pretrained m instead of m' (`refined_with_m/`,
+`background_with_m/`) measures what the concept-distillation fine-tuning is worth."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +49,10 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     bar = shards.bar(sum(map(len, mine)), "04 refinement", "img", progress)
     for group in mine:
         images = [load_image(records[i].image, max_side=pipe.resolution) for i in group]
-        res = refine_images(cfg, pipe, images, group, [load_mpre(cfg, i) for i in group])
-        save_refinement(cfg, res)
+        m_pre = [load_mpre(cfg, i) for i in group]
+        if cfg.ablation.refine_with_m:
+            save_with_m(cfg, refine_images(cfg, pipe, images, group, m_pre, model="pretrained"))
+        save_refinement(cfg, refine_images(cfg, pipe, images, group, m_pre))
         bar.update(len(group))
     bar.close()
     shards.wait()
@@ -63,14 +67,15 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     return result
 
 
-def refine_images(cfg, pipe, images, ids, m_pre) -> Refinement:
-    """`FgBgPipeline.refine` with the run's settings on images whose M_pre is known."""
+def refine_images(cfg, pipe, images, ids, m_pre, model: str = "finetuned") -> Refinement:
+    """`FgBgPipeline.refine` with the run's settings on images whose M_pre is known (with m',
+    or with the pretrained m for the ablation)."""
     _, frames = pipe.canvases(images)
     masks = PreliminaryMasks(masks=np.stack(m_pre), thresholds=[None] * len(ids),
                              means=[None] * len(ids), fg_fraction=[float(m.mean()) for m in m_pre],
                              degenerate=[False] * len(ids), frames=frames, ids=list(ids),
                              prompt=cfg.resolved_prompt, vae_factor=pipe.ldm.vae_factor)
-    return pipe.refine(images, masks, seed=cfg.seed, prompt_b=cfg.background_prompt,
+    return pipe.refine(images, masks, seed=cfg.seed, prompt_b=cfg.background_prompt, model=model,
                        **cfg.refinement.model_dump())
 
 
@@ -90,14 +95,25 @@ def save_refinement(cfg, res: Refinement) -> None:
         atomic_save_png(out_path(cfg, "refined", image_id), res.masks[k])
 
 
+def save_with_m(cfg, res: Refinement) -> None:
+    """The ablation's x̂ and M, painted by the pretrained m (written before M of m' marks the image done)."""
+    for k, image_id in enumerate(res.ids):
+        atomic_save_png(out_path(cfg, "background_with_m", image_id),
+                        (res.backgrounds[k] * 255).round().astype(np.uint8))
+        atomic_save_png(out_path(cfg, "refined_with_m", image_id), res.masks[k])
+
+
 def evaluate(cfg, summary01: dict, records: dict) -> dict:
     """preliminary / refined / m_crop against ground truth on the evaluation split."""
     from fgbg_utils.stages.attention_maps import load_frame
 
     split = cfg.evaluation.split
-    meters = {k: M.SegmentationMeter() for k in ("preliminary", "refined", "m_crop")}
+    kinds = ("preliminary", "refined", "m_crop") + (("refined_with_m",) if cfg.ablation.refine_with_m else ())
+    meters = {k: M.SegmentationMeter() for k in kinds}
     out = {"split": split, "n_images_total": len(summary01["images"]),
-           "refinement": cfg.refinement, "seed": cfg.seed}
+           "refinement": cfg.refinement, "seed": cfg.seed,
+           "refined_with_m_note": "M painted by the pretrained m instead of m' (ablation.refine_with_m)"
+           if cfg.ablation.refine_with_m else "ablation.refine_with_m is off"}
     for image_id in summary01["images"]:
         r = records.get(image_id)
         if r is None or r.mask is None or r.split != split:
@@ -106,7 +122,8 @@ def evaluate(cfg, summary01: dict, records: dict) -> dict:
         frame = load_frame(cfg, image_id)
         meters["preliminary"].update(canvas_to_original(load_mpre(cfg, image_id), frame, "mask"), gt)
         meters["refined"].update(canvas_to_original(load_refined(cfg, image_id), frame, "mask"), gt)
-        meters["m_crop"].update(canvas_to_original(load_refined(cfg, image_id, "m_crop"), frame, "mask"), gt)
+        for kind in kinds[2:]:
+            meters[kind].update(canvas_to_original(load_refined(cfg, image_id, kind), frame, "mask"), gt)
     try:
         out.update({k: m.result() for k, m in meters.items()})
     except ValueError:
