@@ -35,6 +35,10 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
 def storage_error(error: OSError, path: str | Path | None = None, needed: int | None = None
                   ) -> StorageError | None:
     """The one-message StorageError for a full or read-only disk (None for other OSErrors)."""
@@ -44,8 +48,8 @@ def storage_error(error: OSError, path: str | Path | None = None, needed: int | 
     folder = target.parent if target.suffix else target
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(_existing(folder)).free
-        need = f"; this write needs {needed / 1e6:.1f} MB more" if needed else ""
-        return StorageError(f"no space left on the disk of {folder} ({free / 1e6:.1f} MB free{need}). "
+        need = f"; the file being written needs {_size(needed)}" if needed else ""
+        return StorageError(f"no space left on the disk of {folder} ({_size(free)} free{need}). "
                             f"Free some space (a finished run folder resumes where it stopped), or "
                             f"use another run folder (--out DIR).")
     what = "read-only" if error.errno == errno.EROFS else "not writable"
