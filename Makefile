@@ -1,6 +1,6 @@
 # make demo: create .venv if missing, install, run the default toy pipeline headless (runs/toy),
 #            stages 01-06, then write runs/toy/report.html.
-# make test: install what the tests need and run them (unit tests + nbval on notebooks 01-06).
+# make test: install what the tests need and run them (unit tests + nbval on notebooks 00b, 01-06).
 # make lab:  open JupyterLab on notebooks/ with the project's environment (jupytext pairs each
 #            .ipynb with its notebooks/NN_*.py source; the kernel is registered as `python3`, the
 #            kernelspec the notebooks store, so opening one does not rewrite it).
@@ -20,7 +20,7 @@ export PYTHONHASHSEED := 0
 INSTALLED      := $(VENV)/.installed-runtime
 TEST_INSTALLED := $(VENV)/.installed-test
 LAB_INSTALLED  := $(VENV)/.installed-lab
-NBVAL := $(sort $(wildcard notebooks/0[1-9]_*.ipynb))
+NBVAL := notebooks/00b_diffusion_primer.ipynb $(sort $(wildcard notebooks/0[1-9]_*.ipynb))
 
 .PHONY: demo test lab lint notebooks benchmark clean install
 
@@ -53,7 +53,11 @@ $(LAB_INSTALLED): requirements-lab.txt $(INSTALLED)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)"
 	touch $@
 
+# notebooks/jupytext.toml pairs each notebook with its .py on save (Lab's root is notebooks/);
+# tools/lab_overrides.json makes Lab save widget state, so saved explorers still show their figures.
 lab: $(LAB_INSTALLED)
+	mkdir -p $(VENV)/share/jupyter/lab/settings
+	cp tools/lab_overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 lint: $(TEST_INSTALLED)

@@ -23,7 +23,10 @@
 #   `CLIPTextModel`, a word-level tokenizer built locally, and SD v1's scaled-linear β schedule
 #   (DDIM scheduler config, `steps_offset=1`).
 #
-# **Departures from Stable Diffusion, on purpose** (trials in `shared/TOY_WORLD.md`): the text encoder
+# New to diffusion models? Notebook 00b (the diffusion primer) defines every term and symbol used
+# here and in 01–06, on this model.
+#
+# **Departures from Stable Diffusion, on purpose** (the trials behind them: docs/method.md §8): the text encoder
 # has **0 transformer layers** (token + position embeddings and the final norm), so only the object
 # token carries the object — with a causal encoder the end and padding tokens carried it too; the UNet
 # has **cross-attention only in its encoder half** (two layers, at 16×16 and 8×8) — decoder-side
@@ -137,7 +140,7 @@ for ax in axes:
 fig.tight_layout()
 
 # %% [markdown]
-# ## What the model draws (DDIM, 50 steps, guidance 3)
+# ## What the model draws (DDIM, 50 steps, classifier-free guidance $w = 3$ against the empty prompt; notebook 00b)
 
 # %%
 import torch

@@ -13,18 +13,27 @@
 # *"a photo of a bird"*. Every cross-attention layer $l$ lets each latent pixel attend to the prompt's
 # tokens:
 #
-# $$\psi_{z_t,l} = \operatorname{softmax}\!\Big(\frac{Q_l K_l^\top}{\sqrt d}\Big),\qquad
-# Q_l = W_Q\,\varphi(z_{t,l}),\quad K_l = W_K\,\tau_\theta(y).$$
+# $$\psi_{t,l} = \operatorname{softmax}\!\Big(\frac{Q_l K_l^\top}{\sqrt{d_k}}\Big),\qquad
+# Q_l = W_Q\,\varphi_l(z_t),\quad K_l = W_K\,\tau_\theta(y)$$
+#
+# ($\varphi_l(z_t)$: the UNet's features at layer $l$; $\tau_\theta$: the text encoder; $d_k$: the width of
+# one attention head; notebook 00b defines every symbol).
 #
 # The column of $\psi$ that belongs to the object word says, for each pixel, how much the model
 # "looks at" the word there. Dombrowski et al. (ICCV 2023) average it over the $T_0$ lowest noise
-# levels and all cross-attention layers (their Eq. 3–4):
+# levels and the set $\mathcal A$ of cross-attention layers (their Eq. 3–4). What the code computes:
 #
-# $$\hat M = \frac{1}{T_0\,|L|}\sum_{t=1}^{T_0}\sum_{l} \psi_{z_{t},l}[\,\cdot\,, \text{object}].$$
+# $$\hat M = \operatorname{minmax}\Big(\frac{1}{T_0\,|\mathcal A|}\sum_{t\in\mathcal T_{T_0}}\sum_{l\in\mathcal A}\sum_{j\in J}\bar\psi_{t,l}[\,\cdot\,, j]\Big),
+# \qquad \mathcal T_{T_0} = \{1, 21, 41, \dots, 1 + 20\,(T_0-1)\},$$
+#
+# with $\mathcal T_{T_0}$ the $T_0$ lowest levels of the 50-step DDIM grid (1, 21, …, 781 for $T_0 = 40$),
+# $\bar\psi$ the mean over heads, $J$ the object word's token(s), each layer's map repeated up to the
+# $h\times h$ latent grid, and $\operatorname{minmax}(a) = (a - \min a)/(\max a - \min a)$ over the image's
+# valid pixels.
 #
 # How this notebook computes it (docs/method.md §2.1):
 # 1. Put the image in the **canonical frame** (long edge to the model's resolution $R$, pad with black)
-#    and encode it: $z_0 = s\cdot\mathcal E(x)$.
+#    and encode it: $z_0 = \kappa\,\mathcal E(x)$ ($\kappa$: the VAE's `scaling_factor`).
 # 2. For each of the $T_0$ lowest steps of the 50-step DDIM grid, noise the *clean* latent afresh,
 #    $z_t = \sqrt{\bar\alpha_t}\,z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon_t$ — the levels are independent,
 #    so **all of them go through the UNet in one batched call**.
@@ -67,44 +76,44 @@ cfg = notebook_config(globals(), stage="01")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from fgbg_utils.core import models, tokens
+from fgbg_utils.core import families, models
 from fgbg_utils.core.pipeline import to_uint8
 image, gt, caption = wt.toy_example()
 pipe = wt.load_pipeline(cfg)
 ldm = pipe.ldm
 y_f = cfg.resolved_prompt
-positions = tokens.prompt_positions(ldm.tokenizer, y_f, cfg.words)
+positions = families.prompt_positions(ldm, y_f, cfg.words)  # CLIP (SD, SDXL), CLIP + T5 (SD3), T5 (Flux)
 print("the toy image's caption:", caption)
 print("prompt y_f:", y_f, "| token positions:", positions)
 
 # %% [markdown]
 # **One UNet call, one noise level.** Put the image in the canonical frame, encode it,
-# $z_0 = s\cdot\mathcal E(x)$, and noise it to level $t$:
+# $z_0 = \kappa\,\mathcal E(x)$, and noise it to level $t$:
 #
 # $$z_t = \sqrt{\bar\alpha_t}\,z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon,\qquad \varepsilon\sim\mathcal N(0, I).$$
 #
 # `capture_cross_attention` installs a `CrossAttentionCapture` processor on every `attn2` layer for
 # the duration of the call; each keeps the head-averaged softmax column of the object token,
 #
-# $$\psi_{z_t,l}[\,\cdot\,,\text{object}] = \tfrac1H\sum_h \operatorname{softmax}\!\Big(\frac{Q_{l,h} K_{l,h}^\top}{\sqrt d}\Big)[\,\cdot\,,\text{object}],$$
+# $$\bar\psi_{t,l}[\,\cdot\,,j] = \frac{1}{N_h}\sum_{k=1}^{N_h} \operatorname{softmax}\!\Big(\frac{Q_{l,k} K_{l,k}^\top}{\sqrt{d_k}}\Big)[\,\cdot\,,j],$$
 #
-# repeated up to the $L\times L$ latent grid. Below: the maps of the first layers at one level (each
+# over the $N_h$ heads $k$, repeated up to the $h\times h$ latent grid. Below: the maps of the first layers at one level (each
 # layer has its own colour range; a layer can even look *away* from the object, which the mean over
 # layers and levels averages out).
 
 # %%
 import torch
-from fgbg_utils.core.attention import AttentionStore, capture_cross_attention
+from fgbg_utils.core.attention import AttentionStore
 x, frames = pipe.canvases(image)                                 # canonical frame, [-1, 1]
-z0 = models.encode_images(ldm, x, "mode")                        # z_0 = s·E(x)
-t = torch.tensor([int(models.lowest_timesteps(ldm.scheduler, cfg.T0)[cfg.T0 // 2])])
+z0 = models.encode_images(ldm, x, "mode")                        # z_0 = κ·E(x)
+den = families.denoiser(ldm, families.encode_condition(ldm, y_f))  # the model call of this family
+t = den.levels(pipe.noise_levels(cfg.T0)[cfg.T0 // 2:][:1])      # a DDIM t (SD, SDXL) or σ (SD3, Flux)
 eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(cfg.seed))
-z_t = ldm.scheduler.add_noise(z0, eps, t)                        # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
+z_t = den.noised(z0, eps, t)                                     # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
 store = AttentionStore(positions[cfg.object], ldm.latent_size)
-with torch.no_grad(), capture_cross_attention(ldm.unet, store):
-    ldm.unet(z_t.to(ldm.device, ldm.unet.dtype), t.to(ldm.device),
-             encoder_hidden_states=models.encode_prompt(ldm, y_f))
-psi = store.stacked()[0]                                         # (layers, tokens, L, L)
+with torch.no_grad(), den.capture(store):                        # capture_cross_attention on attn2
+    den(z_t, t)
+psi = store.stacked()[0]                                         # (layers, tokens, h, h)
 canvas = to_uint8(x[0])
 fig = wt.image_and_maps(canvas, {f"ψ, t = {t.item()}\n{explorers._short_layer(name)}": psi[k, 0].numpy()
                                 for k, name in enumerate(store.layers[:3])}, scaled=True)
@@ -134,7 +143,7 @@ figs = explorers.attention_explorer(lambda _: views, ["walkthrough"], interactiv
 
 # %%
 # NBVAL_CHECK_OUTPUT
-grid = models.noise_grid(ldm.scheduler, cfg.attention.grid_steps)
+grid = pipe.noise_levels(cfg.attention.grid_steps, cfg.attention.grid_steps)  # SD3/Flux: σ of the flow grid
 print("T0 =", cfg.T0, "lowest levels:", sorted(grid.tolist())[:cfg.T0])
 
 # %% [markdown]
@@ -147,7 +156,8 @@ print("T0 =", cfg.T0, "lowest levels:", sorted(grid.tolist())[:cfg.T0])
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages.attention_maps import run as run_stage01
-summary = run_stage01(cfg, force=force)
+with gallery.reuse_note(cfg, "01"):
+    summary = run_stage01(cfg, force=force)
 print(f"{summary['n_images']} images, {summary['n_computed']} computed now; "
       f"{len(summary['layers'])} cross-attention layers; skipped inputs: {summary['skipped_images']}")
 

@@ -12,7 +12,7 @@
 # $\hat M$ is soft. Per image, a **two-component Gaussian mixture** is fitted to its values (valid
 # pixels only, a fixed `random_state`), and the threshold is the **midpoint of the two means**,
 #
-# $$\tau = \tfrac12(\mu_1 + \mu_2),\qquad M = [\hat M > \tau],$$
+# $$\tau = \tfrac12(\mu_1 + \mu_2),\qquad M_\tau = [\hat M > \tau],$$
 #
 # not the GMM's `predict()`: weights and variances play no part. Then an **orphan filter** removes
 # isolated pixels: the 3×3 box mean of the binary map, re-thresholded at 0.5 (a majority of ≥ 5 of 9),
@@ -65,8 +65,8 @@ print(f"μ1 = {mu1:.3f}, μ2 = {mu2:.3f}, τ = {tau:.3f}")
 fig = wt.gmm_figure(mhat[valid], tau, cfg.binarization.gmm_seed)
 
 # %% [markdown]
-# **The orphan filter.** $M = [\hat M > \tau]$, then each interior pixel takes the majority of its
-# 3×3 neighbourhood, $M_{pre}(p) = \big[\sum_{q\in N_3(p)} M(q) \ge 5\big]$.
+# **The orphan filter.** $M_\tau = [\hat M > \tau]$, then each interior pixel takes the majority of its
+# 3×3 neighbourhood, $M_{pre}(p) = \big[\sum_{q\in N_3(p)} M_\tau(q) \ge 5\big]$.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -90,7 +90,8 @@ fig = explorers.threshold_explorer(mhat, valid, {"threshold": tau}, maps.frames[
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages import binarization as stage_binarization
-result = stage_binarization.run(cfg, force=force)
+with gallery.reuse_note(cfg, "02"):
+    result = stage_binarization.run(cfg, force=force)
 
 # %% [markdown]
 # ## The GMM on one image of the dataset, with a draggable threshold
@@ -121,15 +122,17 @@ fig = plots.image_rows(rows, ["image", "ground truth", "M̂", "M_pre"])
 # %% [markdown]
 # ## Metrics on the evaluation split
 #
-# Rows: $M_{pre}$ and the two baselines. Paper, CUB (Table 2): $M_{pre}$ ACC 83.5, IoU 29.0,
+# Rows: $M_{pre}$ and the two baselines, in percent. Paper, CUB (Table 2): $M_{pre}$ ACC 83.5, IoU 29.0,
 # mIoU 55.7; AUC-ROC of $\hat M$ 97.1.
 
 # %%
 # NBVAL_SKIP
 from IPython.display import Markdown, display
-from fgbg_utils.runs.runner import metrics_table
+from fgbg_utils.views.evaluation_views import percent_table
 print("images scored:", result.get("n_images"), "split:", result["split"])
-display(Markdown(metrics_table(cfg.run_dir, stages=("02",))))
+display(Markdown(percent_table(cfg.run_dir, stages=("02",))))
+if result.get("auc_roc") is not None:
+    print(f"AUC-ROC of M̂: {100 * result['auc_roc']:.1f} % (paper, CUB: 97.1 %)")
 
 # %% [markdown]
 # ## The $T_0$ sweep (the paper's Fig. 3)

@@ -50,6 +50,8 @@ cfg = notebook_config(globals(), stage="04", missing="warn")  # the walkthrough 
 # (`RUN/03_finetuning`). Without it (a fresh clone), the walkthrough says so and skips.
 
 # %%
+import numpy as np
+import torch
 from fgbg_utils.core.pipeline import to_uint8
 from fgbg_utils.runs.notebook import relative
 image, gt, caption = wt.toy_example()
@@ -66,16 +68,55 @@ else:
           f"object painted away; the walkthrough cells are skipped.")
 
 # %% [markdown]
-# **The object painted away.** DDIM from noise with $y_b$; after every step the known region is put
-# back, $z \leftarrow z_0^{(t)}\odot(1-M_{pre}) + z\odot M_{pre}$ ($z_0^{(t)}$: $z_0$ noised to the
-# current level), so only $M_{pre}$ is repainted. The decoded latents after a few steps, then $\hat x$:
+# **What stage 04 runs on this image.** `refine_images` is the stage's own call: `FgBgPipeline.refine`
+# with every `refinement.*` parameter of the params file. It paints $M_{pre}$ over with $y_b$ and, when
+# `refinement.guidance_scale` $w > 1$, with $y_f$ as the negative prompt: in the one guidance
+# convention of notebook 00b, $\hat\varepsilon = \varepsilon(y_b) + s\,(\varepsilon(y_f) - \varepsilon(y_b))$ with
+# $s = 1 - w$ (a negative $s$ steers away from the object).
 
 # %%
 if ready:
-    x_hat, trace = wt.inpaint_trace(pipe.tuned, x[0], m_pre, cfg.background_prompt, seed=cfg.seed,
-                                    steps=cfg.refinement.steps)
-    fig = wt.strip_figure([to_uint8(x[0]), *trace.values(), x_hat],
-                          ["x", *[f"after step {k}" for k in trace], "x̂"])
+    from fgbg_utils.stages.refinement import refine_images
+    from fgbg_utils.views.primer import concept_scale
+    w = cfg.refinement.guidance_scale
+    s = concept_scale(w)
+    negative = cfg.resolved_prompt if w > 1 else None
+    print(f"refinement.guidance_scale w = {w:g}, negative prompt {negative!r}: "
+          f"s = 1 − w = {s:g}; {cfg.refinement.steps} DDIM steps, η = 0")
+    stage = refine_images(cfg, pipe, [image], ["walkthrough"], [m_pre])
+    x_hat = stage.backgrounds[0]
+
+# %% [markdown]
+# **The loop inside it**, written out: DDIM from noise $z_T$ with the concept-guided $\hat\varepsilon$; after
+# every step the known region is put back, $z \leftarrow z_0^{(t')}\odot(1-M_{pre}) + z\odot M_{pre}$
+# ($z_0^{(t')}$: $z_0$ noised to the next level $t'$ with the one noise draw $z_T$; the clean $z_0$ after
+# the last step), so only $M_{pre}$ is repainted. Checked against the stage's $\hat x$:
+
+# %%
+if ready:
+    from diffusers import DDIMScheduler
+    from fgbg_utils.core import models
+    from fgbg_utils.core.seeds import derive_seed
+    m_ = pipe.tuned                                                    # m'
+    sched = DDIMScheduler.from_config(m_.scheduler.config)
+    sched.set_timesteps(cfg.refinement.steps)
+    ts = sched.timesteps
+    z0 = models.encode_images(m_, x, "mode")                           # z_0 = κ·E(x)
+    keep = torch.from_numpy(~m_pre).float()[None, None]                # 1 − M_pre on the latent grid
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "04-inpaint", "walkthrough")))
+    c = torch.cat([models.encode_prompt(m_, cfg.background_prompt), models.encode_prompt(m_, cfg.resolved_prompt)])
+    z, trace = noise * sched.init_noise_sigma, {}
+    for i, t in enumerate(ts):
+        e_b, e_f = m_.unet(torch.cat([z, z]), t, encoder_hidden_states=c).sample.chunk(2)
+        z = sched.step(e_b + s * (e_f - e_b), t, z, eta=0.0).prev_sample   # ε̂ = ε(y_b) + s(ε(y_f) − ε(y_b))
+        known = sched.add_noise(z0, noise, ts[i + 1:i + 2]) if i + 1 < len(ts) else z0
+        z = keep * known + (1 - keep) * z                                  # keep ¬M_pre
+        if (i + 1) % max(1, len(ts) // 4) == 0:
+            trace[i + 1] = wt.decode(m_, z)
+    ours = wt.decode(m_, z)
+    assert np.abs(ours - x_hat).max() < 1e-4, np.abs(ours - x_hat).max()
+    print(f"the loop gives the stage's x̂: max |Δ| = {np.abs(ours - x_hat).max():.1e} (of 1)")
+    fig = wt.strip_figure([to_uint8(x[0]), *trace.values(), x_hat], ["x", *[f"after step {k}" for k in trace], "x̂"])
 
 # %% [markdown]
 # **The difference map** against the VAE round trip of $x$ (so reconstruction error does not count),
@@ -98,7 +139,7 @@ if ready:
 if ready:
     up = upsample_mask(m_pre, pipe.ldm.vae_factor) & valid
     m, _ = refine_mask(up, d, valid, cfg.refinement.gmm_seed, cfg.refinement.orphan_filter)
-    assert (m == (up & g)).all()
+    assert (m == (up & g)).all() and (m == stage.masks[0]).all()   # the stage's M, step by step
     fig = wt.masks_figure({"M_pre,↑": up, "g(d)": g, "M = M_pre,↑ ∧ g(d)": m}, image=to_uint8(x[0]))
     iou = {k: explorers.iou(wt.back_to_image(v, frames[0]), gt) for k, v in (("M_pre", up), ("M", m))}
     print("IoU vs ground truth:", {k: round(v, 3) for k, v in iou.items()})
@@ -109,18 +150,21 @@ if ready:
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages import refinement as stage_refinement
-result = stage_refinement.run(cfg, force=force)
+with gallery.reuse_note(cfg, "04"):
+    result = stage_refinement.run(cfg, force=force)
 
 # %% [markdown]
 # ## Metrics on the evaluation split
 #
-# Paper, CUB (Table 2, IoU): $M_{pre}$ 29.0 → $M$ 63.6; $M_{crop}$ 30.7.
+# In percent, beside the paper's CUB numbers (Table 2, IoU: $M_{pre}$ 29.0 → $M$ 63.6; $M_{crop}$ 30.7);
+# the sentences under the table are computed from its numbers.
 
 # %%
 # NBVAL_SKIP
 from IPython.display import Markdown, display
-from fgbg_utils.runs.runner import metrics_table
-display(Markdown(metrics_table(cfg.run_dir, stages=("02", "04"))))
+from fgbg_utils.views.evaluation_views import percent_table, refinement_verdicts
+display(Markdown(percent_table(cfg.run_dir, stages=("02", "04"))))
+display(Markdown(refinement_verdicts(cfg.run_dir)))
 
 # %% [markdown]
 # ## Best and worst images: original, $M_{pre}$, inpainted background, difference, $M$

@@ -10,14 +10,15 @@
 # # 05 · Synthesis: new image/mask pairs from the fine-tuned model
 #
 # The fine-tuned $m'$ knows essentially two prompts, $y_f$ and $y_b$, so guidance runs from background
-# toward foreground (docs/method.md §2.5):
+# toward foreground, in the one guidance convention of this project (notebook 00b, docs/method.md §2.5):
 #
-# $$\hat\varepsilon=\varepsilon_\theta(z_t,y_b)+s\,\big(\varepsilon_\theta(z_t,y_f)-\varepsilon_\theta(z_t,y_b)\big).$$
+# $$\hat\varepsilon=\varepsilon_\theta(z_t,t,\tau_\theta(y_b))+s\,\big(\varepsilon_\theta(z_t,t,\tau_\theta(y_f))-\varepsilon_\theta(z_t,t,\tau_\theta(y_b))\big).$$
 #
-# $s = 1$ is plain $y_f$ sampling (the default: the paper's FID is its $s = 1$ value), $s = 0$ plain
+# $s = 1$ is plain $y_f$ sampling (the parameter's default and the paper's FID setting), $s = 0$ plain
 # $y_b$, negative $s$ pushes away from the object (pure backgrounds), large $s$ gives stronger objects
-# on poorer backgrounds. DDIM, 50 steps, η = 0; every image has its own seed, so a resumed run gives
-# the same images.
+# on poorer backgrounds. `synthesis.guidance` is $s$ itself; the toy run sets $s = 2$ (objects are often
+# faint at $s = 1$ here; chosen on the validation world). DDIM, 50 steps, η = 0; every image has its
+# own seed, so a resumed run gives the same images.
 #
 # The method's steps then run on $D'$ in memory, through the same `FgBgPipeline` — the attention
 # maps of stage 01 with the **pretrained** $m$, the GMM of stage 02, and the refinement of stage 04
@@ -39,39 +40,58 @@ interactive = True               # widgets when a browser is attached
 # %matplotlib inline
 from fgbg_utils.runs.notebook import notebook_config
 from fgbg_utils.views import evaluation_views as views
-from fgbg_utils.views import explorers
+from fgbg_utils.views import explorers, gallery
 from fgbg_utils.views import walkthrough as wt
 cfg = notebook_config(globals(), stage="05", missing="warn")  # the walkthrough needs no run
 
 # %% [markdown]
-# ## Walkthrough: one seed across the guidance scale, in memory
+# ## Walkthrough: one guided sample, in memory
 #
-# Concept guidance mixes the two predictions at every DDIM step (`core.synthesis.guided_eps`):
-#
-# $$\hat\varepsilon = \varepsilon(y_b) + s\,\big(\varepsilon(y_f) - \varepsilon(y_b)\big).$$
-#
-# `guidance_sweep` starts every scale from the **same** initial noise. It uses $m'$ of this run folder
-# when notebook 03 has made it, else the pretrained $m$ (it says which).
+# It uses $m'$ of this run folder when notebook 03 has made it, else the pretrained $m$ (it says
+# which), and the run's own `synthesis.guidance` $s$ and `synthesis.steps`. First the guided DDIM loop
+# written out (the DDIM update of notebook 00b, here `DDIMScheduler.step`), checked against the
+# stage's sampler `core.synthesis.sample_guided`:
 
 # %%
-from fgbg_utils.core.synthesis import guidance_sweep
-from fgbg_utils.runs.notebook import relative
+import torch
+from diffusers import DDIMScheduler
+from fgbg_utils.core import models
+from fgbg_utils.core.synthesis import guidance_sweep, initial_latents, sample_guided
 tuned_dir = wt.finetuned_folder(cfg)
 pipe = wt.load_pipeline(cfg, tuned_dir)
 sampler = pipe.tuned if pipe.tuned is not None else pipe.ldm
-print("model:", f"m' from {relative(tuned_dir)}" if tuned_dir else "m (pretrained; no m' in this run folder yet)")
+print("model:", "m' of this run folder (RUN/03_finetuning)" if tuned_dir else "m (pretrained; no m' in this run folder yet)")
+s, steps = cfg.synthesis.guidance, cfg.synthesis.steps
+print(f"synthesis.guidance: s = {s:g}, {steps} DDIM steps, η = 0")
+with torch.no_grad():
+    sched = DDIMScheduler.from_config(sampler.scheduler.config)
+    sched.set_timesteps(steps)
+    c = torch.cat([models.encode_prompt(sampler, cfg.background_prompt), models.encode_prompt(sampler, cfg.resolved_prompt)])
+    z = initial_latents(sampler, [cfg.seed]) * sched.init_noise_sigma          # z_T, from the image's seed
+    for t in sched.timesteps:
+        e_b, e_f = sampler.unet(torch.cat([z, z]), t, encoder_hidden_states=c).sample.chunk(2)
+        z = sched.step(e_b + s * (e_f - e_b), t, z, eta=0.0).prev_sample      # ε̂ = ε(y_b) + s(ε(y_f) − ε(y_b))
+images, latents = sample_guided(sampler, cfg.resolved_prompt, cfg.background_prompt, s, [cfg.seed], steps)
+assert torch.allclose(z, latents, atol=1e-4), float((z - latents).abs().max())
+print(f"the loop gives the stage's sample: max |Δz_0| = {float((z - latents).abs().max()):.1e}")
+
+# %% [markdown]
+# **The same seed across the guidance scale.** `guidance_sweep` starts every scale from the **same**
+# initial noise $z_T$; the run's $s$ is marked.
+
+# %%
 scales = cfg.synthesis.sweep_scales
-images = guidance_sweep(sampler, cfg.resolved_prompt, cfg.background_prompt, scales, seed=cfg.seed,
-                        steps=cfg.synthesis.steps)
-fig = wt.strip_figure(images, [f"s = {s:g}" for s in scales], f"y_f = {cfg.resolved_prompt!r}, "
-                      f"y_b = {cfg.background_prompt!r}")
+sweep = guidance_sweep(sampler, cfg.resolved_prompt, cfg.background_prompt, scales, seed=cfg.seed, steps=steps)
+fig = wt.strip_figure([wt.decode(sampler, z), *sweep], [f"the loop, s = {s:g}", *[f"s = {v:g}" + (" (run)" if v == s else "") for v in scales]],
+                      f"y_f = {cfg.resolved_prompt!r}, y_b = {cfg.background_prompt!r}")
 
 # %% [markdown]
 # ## Run stage 05 over the dataset
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages import synthesis as stage_synthesis
-result = stage_synthesis.run(cfg, force=force)
+with gallery.reuse_note(cfg, "05"):
+    result = stage_synthesis.run(cfg, force=force)
 print(f"{result['n_images']} synthetic images (s = {result['guidance']:g}), "
       f"{result['n_pure_backgrounds']} pure backgrounds (s = {result['background_guidance']:g})")
 

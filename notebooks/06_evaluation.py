@@ -42,6 +42,7 @@ interactive = True               # widgets when a browser is attached
 from IPython.display import Markdown, display
 from fgbg_utils.runs.notebook import notebook_config
 from fgbg_utils.views import evaluation_views as views
+from fgbg_utils.views import gallery
 cfg = notebook_config(globals(), stage="06", missing="warn")  # the row table below needs no run
 
 # %% [markdown]
@@ -63,13 +64,15 @@ cfg = notebook_config(globals(), stage="06", missing="warn")  # the row table be
 # %%
 # NBVAL_SKIP
 from fgbg_utils.stages import evaluation as stage_evaluation
-result = stage_evaluation.run(cfg, force=force, progress=False)
+with gallery.reuse_note(cfg, "06"):
+    result = stage_evaluation.run(cfg, force=force, progress=False, log=gallery.run_log(cfg))
 
 # %% [markdown]
 # ## Table 2
 #
-# This run's foreground IoU beside the paper's CUB numbers (Table 2). The ordering the method should
-# keep: $M_{pre} < M <$ U-Net$(D_s) \le$ U-Net$(D_s \cup D'_s) <$ supervised.
+# This run's foreground IoU beside the paper's CUB numbers (Table 2), both in percent. The ordering
+# the method should keep: $M_{pre} < M <$ U-Net$(D_s) \le$ U-Net$(D_s \cup D'_s) <$ supervised; whether
+# each step held on this run is computed from the numbers below the chart.
 
 # %%
 # NBVAL_SKIP
@@ -78,9 +81,9 @@ fig = views.table2_figure(cfg)
 # %%
 # NBVAL_SKIP
 from fgbg_utils.runs.runner import metrics_table
+display(Markdown(views.table2_report(result)))
+print(result["n_test_scored"], "test images scored; all metrics (fractions, not percent):")
 display(Markdown(metrics_table(cfg.run_dir)))
-print("ordering:", result.get("ordering"))
-print(sorted(result["rows"]), result["n_test_scored"], "test images scored")
 
 # %% [markdown]
 # ## Training curves
@@ -139,5 +142,4 @@ fig = views._grid([[im / 255, overlay(im, m) / 255] for im, m in zip(new_images,
 
 # %%
 # NBVAL_SKIP
-check = result.get("object_free_check", {})
-print({k: round(v, 3) if isinstance(v, float) else v for k, v in check.items() if not k.startswith("n_")})
+display(Markdown(views.object_free_report(result.get("object_free_check", {}), cfg.finetune.eval_guidance)))

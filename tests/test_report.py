@@ -1,6 +1,7 @@
 """report.html opens offline: no scripts, equations as MathML, no progress bars, the Table 2 chart
 on top, no machine paths; checked in headless Chromium when it is installed."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,17 @@ def test_no_scripts_and_math_as_mathml(report):
     assert not any(host in page for host in ("cdnjs", "unpkg", "jsdelivr", "require.js", "MathJax.js"))
     assert page.count("<math") > 50
     assert "$$" not in page.split("<section", 1)[1].replace("\\$", "")  # display math all converted
+
+
+HEADING_MATH = re.compile(r"<h[1-6][^>]*>(?:(?!</h[1-6]>).)*?<math\b", re.S)
+
+
+def test_headings_hold_plain_mathml(report):
+    """Math in headings is plain <math>: nbconvert's anchor filter had made it <ns0:math>, which a
+    browser shows as flat text."""
+    page = report.read_text()
+    assert len(HEADING_MATH.findall(page)) >= 10  # the notebooks' headings hold M̂, M_pre, D'_s, ...
+    assert not re.search(r"</?ns\d+:", page) and "xmlns:ns" not in page
 
 
 def test_progress_bars_removed_warnings_kept(report):
@@ -124,6 +136,11 @@ def test_report_in_headless_chromium(report):
             "const m = document.getElementsByTagName('math');"
             "return [m.length, m[0].namespaceURI, m[0].getBoundingClientRect().width];")
         assert n > 50 and ns == "http://www.w3.org/1998/Math/MathML" and width > 0
+        heads = browser.execute_script(
+            "return [...document.querySelectorAll('h1 math, h2 math, h3 math')].map("
+            "m => [m.namespaceURI, m.getBoundingClientRect().width, m.getBoundingClientRect().height])")
+        assert len(heads) >= 10, heads  # math in headings is laid out as MathML, not flat text
+        assert all(ns == "http://www.w3.org/1998/Math/MathML" and w > 0 and h > 0 for ns, w, h in heads), heads
         assert browser.execute_script("return document.scripts.length") == 0
         broken = browser.execute_script(
             "return [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")

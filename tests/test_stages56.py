@@ -220,3 +220,30 @@ def test_views_of_stages_05_06(run):
         assert len(fig.axes) > 1
     assert len(views.training_curves(cfg).axes[0].lines) == 4
     assert views.prediction_explorer(cfg, interactive=False) is None
+
+
+def test_synthetic_filter_keeps_the_pairs_that_agree_with_unet_d_s(run, tmp_path):
+    """segmentation.synthetic_filter_iou keeps exactly the D'_s pairs whose mask reaches the
+    threshold IoU with U-Net(D_s)'s prediction; 0 keeps all."""
+    from fgbg_utils.core.metrics import segmentation_metrics
+    from fgbg_utils.training.segnet import predict
+
+    cfg, _, _ = run
+    train, _ = stage_evaluation._splits(cfg)
+    d_s = stage_evaluation._training_sets(cfg, ["unet_D_s"], train, {"skipped_rows": {}})["unet_D_s"]
+    everything = stage_evaluation.synthetic_pairs(cfg, d_s, None, {})
+    assert len(everything[0]) == 3
+    out = tmp_path / "filter"
+    model, _ = stage_evaluation.train_or_load(cfg, out, {"unet_D_s": d_s}, lambda *_: None, False, 0)["unet_D_s"]
+    ious = [segmentation_metrics([p], [m])["iou"] for p, m in
+            zip(predict(model, everything[0], stage_evaluation.seg_config(cfg)), everything[1])]
+    threshold = sorted(ious)[1]  # keeps the two best-agreeing pairs (or more on ties)
+    filtered = cfg.model_copy(deep=True)
+    filtered.segmentation.synthetic_filter_iou = max(threshold, 1e-6)
+    record = {}
+    images, masks = stage_evaluation.synthetic_pairs(filtered, d_s, out, record)
+    keep = [k for k, v in enumerate(ious) if v >= filtered.segmentation.synthetic_filter_iou]
+    assert record["synthetic_filter"]["kept"] == len(keep) == len(images)
+    assert record["synthetic_filter"]["iou_with_unet_D_s"] == pytest.approx(ious, abs=1e-4)
+    for got, k in zip(masks, keep):
+        assert np.array_equal(got, everything[1][k])

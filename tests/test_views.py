@@ -165,3 +165,97 @@ def test_no_ground_truth_says_so(run, tmp_path, capsys):
 def test_widgets_only_with_a_browser():
     assert not explorers.use_widgets(False)
     assert not explorers.use_widgets(True)  # no kernel here (as under papermill and nbval)
+
+
+def _panel_pixels(ax) -> np.ndarray:
+    """The RGB pixels an axes' first image shows, rendered through its colour map and scale."""
+    art = ax.get_images()[0]
+    return art.to_rgba(art.get_array(), bytes=True)[..., :3]
+
+
+def test_masks_render_white_when_full_and_black_when_empty():
+    """A full mask is white and an empty one black in every figure that draws masks (imshow's
+    default scale would stretch a constant mask and draw both black)."""
+    full, empty = np.ones((8, 8), bool), np.zeros((8, 8), bool)
+    fig = wt.masks_figure({"full": full, "empty": empty})
+    assert (_panel_pixels(fig.axes[0]) == 255).all() and (_panel_pixels(fig.axes[1]) == 0).all()
+    fig = wt.image_and_maps(np.zeros((8, 8, 3), np.uint8), {}, ground_truth=full)
+    assert (_panel_pixels(fig.axes[1]) == 255).all()
+    fig, _ = explorers.threshold_figure(np.ones((8, 8)), full, 0.0, {}, None)
+    assert (_panel_pixels(fig.axes[1]) == 255).all()
+    fig = evaluation_views._grid([[full, empty]], ["row"])
+    assert (_panel_pixels(fig.axes[0]) == 255).all() and (_panel_pixels(fig.axes[1]) == 0).all()
+    plt.close("all")
+
+
+def test_table2_report_verdicts_follow_the_numbers():
+    """'held' / 'did not hold' and the percentages are computed from the metrics, never fixed."""
+    from fgbg_utils.stages.evaluation import PAPER_CUB_IOU, ordering
+
+    ious = {"M_pre": 0.5, "M": 0.7, "unet_D_s": 0.88, "unet_D_s_plus_synth": 0.84, "supervised": 0.95}
+    rows = {k: {"iou": v} for k, v in ious.items()}
+    m = {"rows": rows, "paper_cub_iou": PAPER_CUB_IOU, "ordering": ordering(rows)}
+    text = evaluation_views.table2_report(m)
+    assert "| U-Net(D_s) | 88.0 | 75.1 |" in text and "| M_pre | 50.0 | 29.0 |" in text
+    assert "U-Net(D_s) ≤ U-Net(D_s ∪ D'_s) (88.0 vs 84.0): **did not hold**" in text
+    assert "**did not hold** at 1 of 4 steps" in text and "M_pre < M (50.0 vs 70.0): **held**" in text
+    rows["unet_D_s_plus_synth"]["iou"] = 0.9
+    text = evaluation_views.table2_report({**m, "ordering": ordering(rows)})
+    assert "**held** at every step" in text and "did not hold" not in text
+    assert "cannot be checked" in evaluation_views.table2_report({"rows": {}})
+
+
+def test_object_free_report_verdicts_follow_the_numbers():
+    shares = {"share_object_free_base_y_f": 0.25, "share_object_free_base_y_b": 0.75,
+              "share_object_free_base_y_b_vs_y_f": 1.0, "share_object_free_tuned_y_f": 0.1875,
+              "share_object_free_tuned_y_b": 0.625, "share_object_free_tuned_y_b_vs_y_f": 0.8125}
+    text = finetune_views.object_free_report(shares, contrast_guidance=3.0)
+    assert "| $y_b$ plainly ($s = 0$) | 75.0 % | 62.5 % |" in text and "($s = -2$)" in text
+    first, second = text.split("\n\n*Contrasting")
+    assert "**did not hold**, 75.0 % before and 62.5 % after" in first and "**held**, 81.2 %" in second
+    text = finetune_views.object_free_report({**shares, "share_object_free_tuned_y_b": 0.9})
+    assert "**held**, 75.0 % before and 90.0 % after" in text and "**did not hold**, 81.2 %" in text
+    check = {"area_threshold": 0.01, "real_test_detected": 1.0, "object_free_pure_backgrounds": 1.0,
+             **{k.replace("share_", ""): v for k, v in shares.items()}}
+    text = evaluation_views.object_free_report(check, 3.0)
+    assert "100.0 % of the real test images" in text and "**did not hold**, 75.0 %" in text
+
+
+def test_reuse_note_says_what_a_stage_computed_and_reused(tmp_path, capsys):
+    cfg = load_params(TOY, {}, run_dir=str(tmp_path / "run"))
+    folder = tmp_path / "run" / "04_refinement"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_text("a")
+    with gallery.reuse_note(cfg, "04"):
+        pass
+    assert "its 1 output files were reused and are unchanged" in capsys.readouterr().out
+    with gallery.reuse_note(cfg, "04"):
+        (folder / "a.png").write_text("a")  # rewritten with the same bytes: unchanged
+        (folder / "b.png").write_text("b")
+        (folder / "stage.json").write_text("{}")  # the stage's record is not an output
+    assert "stage 04_refinement: 1 output files new or changed now, 1 reused unchanged" in capsys.readouterr().out
+
+
+def test_run_log_names_no_machine_paths(tmp_path, capsys):
+    from fgbg_utils.runs.params import PROJECT_ROOT
+
+    cfg = load_params(TOY, {}, run_dir=str(tmp_path / "run"))
+    gallery.run_log(cfg)(f"masks in {tmp_path / 'run' / '06_evaluation' / 'masks'}; model {PROJECT_ROOT / 'models'}")
+    out = capsys.readouterr().out
+    assert out == "masks in RUN/06_evaluation/masks; model models\n"
+
+
+def test_percent_tables_and_refinement_verdicts(tmp_path):
+    import json
+
+    from fgbg_utils.views.evaluation_views import percent_table, refinement_verdicts
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "02_binarization.json").write_text(json.dumps({"iou": 0.5, "acc": 0.9, "miou": 0.7}))
+    (tmp_path / "metrics" / "04_refinement.json").write_text(json.dumps(
+        {"refined": {"iou": 0.6, "acc": 0.95, "miou": 0.77}, "m_crop": {"iou": 0.65}}))
+    table = percent_table(tmp_path)
+    assert "| M_pre (stage 02) | 90.0 | 50.0 | 70.0 | 29.0 |" in table and "| M (stage 04) | 95.0 | 60.0 | 77.0 | 63.6 |" in table
+    text = refinement_verdicts(tmp_path)
+    assert "improves $M_{pre}$*: **held**, IoU 50.0 → 60.0 %" in text
+    assert "$M_{crop}$*: **did not hold**, 60.0 vs 65.0 %" in text

@@ -48,9 +48,14 @@ def relative_paths(nb) -> None:
 
 
 def execute(path: Path, timeout: int = 3600) -> None:
+    """Run the notebook on a kernel that talks over IPC sockets in a private temporary folder (no
+    "Kernel is running over TCP without encryption" warning, nothing left in notebooks/)."""
+    from fgbg_utils.runs.runner import ipc_kernel
+
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    with ipc_kernel() as km:
+        NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
     tidy(nb)
     nbformat.write(nb, path)
 

@@ -5,6 +5,7 @@ batched UNet call (chunked to `batch_rows`)."""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import numbers
 import warnings
@@ -93,23 +94,76 @@ class CrossAttentionCapture:
         self.store.add(self.layer, probs)
 
 
+def select_layers(names: list[str], patterns=None) -> list[str]:
+    """The layer names matching any fnmatch pattern of `patterns` (None: all, as in the paper)."""
+    if patterns is None:
+        return list(names)
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(f"`attention.layers`={patterns} matches none of the model's attention "
+                         f"layers {names}; give fnmatch patterns of those names or null (all).")
+    return chosen
+
+
 @contextlib.contextmanager
-def capture_cross_attention(unet, store: AttentionStore):
-    """Install capture processors on every `attn2` layer; restore the originals afterwards."""
-    original = dict(unet.attn_processors)
-    cross = [name for name in original if name.endswith("attn2.processor")]
-    if not cross:
-        raise RuntimeError("this UNet has no cross-attention (attn2) layers to capture")
-    store.layers = [name.removesuffix(".processor") for name in cross]
-    procs = {name: (CrossAttentionCapture(store, cross.index(name)) if name in cross else proc)
+def install_capture(model, store: AttentionStore, wanted: list[str], make):
+    """Replace the processors `wanted` (names without ".processor") by `make(original, index)`;
+    restore all originals in `finally`."""
+    original = dict(model.attn_processors)
+    store.layers = list(wanted)
+    keys = [f"{name}.processor" for name in wanted]
+    procs = {name: (make(proc, keys.index(name)) if name in keys else proc)
              for name, proc in original.items()}
-    unet.set_attn_processor(procs)  # set_attn_processor pops from the dict it gets
-    n = sum(isinstance(p, CrossAttentionCapture) for p in unet.attn_processors.values())
-    assert n == len(cross), f"{n} capture processors installed, {len(cross)} expected"
+    model.set_attn_processor(procs)  # set_attn_processor pops from the dict it gets
     try:
         yield store
     finally:
-        unet.set_attn_processor(dict(original))
+        model.set_attn_processor(dict(original))
+
+
+def cross_attention_layers(unet) -> list[str]:
+    """The UNet's `attn2` (cross-attention) layer names."""
+    return [n.removesuffix(".processor") for n in unet.attn_processors if n.endswith("attn2.processor")]
+
+
+@contextlib.contextmanager
+def capture_cross_attention(unet, store: AttentionStore, layers=None):
+    """Install capture processors on every `attn2` layer (or those matching `layers`); restore the
+    originals afterwards."""
+    cross = cross_attention_layers(unet)
+    if not cross:
+        raise RuntimeError("this UNet has no cross-attention (attn2) layers to capture")
+    wanted = select_layers(cross, layers)
+    with install_capture(unet, store, wanted, lambda _proc, i: CrossAttentionCapture(store, i)):
+        n = sum(isinstance(p, CrossAttentionCapture) for p in unet.attn_processors.values())
+        assert n == len(wanted), f"{n} capture processors installed, {len(wanted)} expected"
+        yield store
+
+
+class UNetDenoiser:
+    """One batched UNet call of the capture: SD 1.x/2.x (and SDXL with `added`: its pooled
+    `text_embeds` and `time_ids`). Noise levels are DDIM timesteps; z_t = add_noise(z0, eps, t)."""
+
+    def __init__(self, unet, scheduler, text_emb: torch.Tensor, added: dict | None = None, layers=None):
+        self.model, self.scheduler, self.text_emb, self.added, self.layers = unet, scheduler, text_emb, added, layers
+
+    def levels(self, timesteps) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(timesteps), dtype=torch.long)
+
+    def noised(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(z0, eps, t)
+
+    def __call__(self, zt: torch.Tensor, t: torch.Tensor):
+        dev, dtype = self.model.device, self.model.dtype
+        emb = self.text_emb.to(dev, dtype).expand(len(zt), -1, -1)
+        kw = {}
+        if self.added is not None:
+            kw["added_cond_kwargs"] = {k: v.to(dev, dtype).expand(len(zt), -1) for k, v in self.added.items()}
+        return self.model(zt.to(dev, dtype), t.to(dev), encoder_hidden_states=emb, **kw)
+
+    def capture(self, store: AttentionStore):
+        return capture_cross_attention(self.model, store, self.layers)
 
 
 def image_noise(generator: torch.Generator, n_levels: int, latent_shape) -> torch.Tensor:
@@ -125,8 +179,13 @@ def row_bytes(unet, latent_size: int) -> int:
     """A generous estimate of the peak activation memory of one UNet row (inference, SDPA self-
     attention) plus the float32 capture of one row: 192 x L^2 x C0 elements of the UNet dtype
     (SD 1.5 at 64x64 latent in bf16: ~300 MB), plus the fp32 logits of the widest attn2 layer."""
-    c0 = int(unet.config.block_out_channels[0])
     elem = torch.finfo(unet.dtype).bits // 8
+    if not hasattr(unet.config, "block_out_channels"):  # SD3 / Flux transformer: ~24 activations of
+        cfg = unet.config                                 # (tokens x width) per block, + fp32 chunks
+        width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+        tokens = latent_size ** 2 // 4 + 333
+        return 24 * tokens * width * elem + 4 * cfg.num_attention_heads * 1024 * tokens * 4
+    c0 = int(unet.config.block_out_channels[0])
     ctx = 77
     return 64 * latent_size ** 2 * c0 * elem + 4 * 8 * latent_size ** 2 * ctx * 4
 
@@ -164,43 +223,54 @@ def _free_cache(device) -> None:
 @torch.no_grad()
 def attention_maps(unet, scheduler, z0: torch.Tensor, text_emb: torch.Tensor,
                    token_positions: list[int], timesteps, noise: torch.Tensor,
-                   batch_rows: int | str = 160, progress: bool = False) -> torch.Tensor:
-    """Per-(image, noise level, layer, token) maps on the latent grid.
+                   batch_rows: int | str = 160, progress: bool = False, layers=None) -> torch.Tensor:
+    """Per-(image, noise level, layer, token) maps on the latent grid of a UNet (SD 1.x/2.x).
 
     z0: (B, C, L, L) clean latents; text_emb: (1, S, D); timesteps: (T,) ints; noise: (B, T, C, L, L).
-    Every (image, t) pair is one row: z_t = add_noise(z0, eps, t) from the clean latent (no
-    trajectory), and rows go through the UNet in chunks of `batch_rows` ("auto": from free GPU
-    memory), without CFG. An out-of-memory error inside a UNet call halves the rows and retries
-    that chunk (down to 1 row). Returns (B, T, n_layers, n_tokens, L, L) float32 on the CPU.
+    See :func:`capture_maps`; `layers`: fnmatch patterns of the attn2 layers (None: all)."""
+    return capture_maps(UNetDenoiser(unet, scheduler, text_emb, layers=layers), z0, token_positions,
+                        timesteps, noise, batch_rows, progress)
+
+
+@torch.no_grad()
+def capture_maps(denoiser, z0: torch.Tensor, token_positions: list[int], timesteps, noise: torch.Tensor,
+                 batch_rows: int | str = 160, progress: bool = False) -> torch.Tensor:
+    """Per-(image, noise level, layer, token) maps on the latent grid, for any family's `denoiser`
+    (:class:`UNetDenoiser`, or `core.families`' transformer denoisers).
+
+    Every (image, level) pair is one row: z_t = denoiser.noised(z0, eps, level) from the clean
+    latent (no trajectory), and rows go through the model in chunks of `batch_rows` ("auto": from
+    free GPU memory), without CFG. An out-of-memory error inside a model call halves the rows and
+    retries that chunk (down to 1 row). Returns (B, T, n_layers, n_tokens, L, L) float32 on the CPU.
     """
     B, T = z0.shape[0], len(timesteps)
     L = z0.shape[-1]
-    rows_per_call = resolve_batch_rows(batch_rows, unet, L)
-    ts = torch.as_tensor(np.asarray(timesteps), dtype=torch.long)
+    model = denoiser.model
+    rows_per_call = resolve_batch_rows(batch_rows, model, L)
+    ts = denoiser.levels(timesteps)
     rows = [(b, k) for b in range(B) for k in range(T)]
     store = AttentionStore(token_positions, L)
     out = None
-    dev, dtype = unet.device, unet.dtype
+    dev = model.device
     bar = tqdm(total=len(rows), desc="UNet rows", disable=not progress, leave=False)
-    with capture_cross_attention(unet, store):
+    with denoiser.capture(store):
         start = 0
         while start < len(rows):
             chunk = rows[start:start + rows_per_call]
             bi = torch.tensor([b for b, _ in chunk])
             ki = torch.tensor([k for _, k in chunk])
             t = ts[ki]
-            zt = scheduler.add_noise(z0[bi].float().cpu(), noise[bi, ki].float(), t)
+            zt = denoiser.noised(z0[bi].float().cpu(), noise[bi, ki].float(), t)
             store.reset()
-            emb = text_emb.to(dev, dtype).expand(len(bi), -1, -1)
             try:
-                unet(zt.to(dev, dtype), t.to(dev), encoder_hidden_states=emb)
+                denoiser(zt, t)
             except OOM_ERRORS:
                 if len(chunk) == 1:
                     raise
                 store.reset()
                 _free_cache(dev)
                 rows_per_call = max(1, len(chunk) // 2)
-                warnings.warn(f"out of memory with {len(chunk)} rows per UNet call; retrying "
+                warnings.warn(f"out of memory with {len(chunk)} rows per model call; retrying "
                               f"with {rows_per_call} (set batch_rows to at most that).")
                 continue
             maps = store.stacked().float().cpu()

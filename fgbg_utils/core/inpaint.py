@@ -49,19 +49,30 @@ POSTERIORS = ("mode", "sample")
 def _pipeline_kwargs(ldm: LDM) -> dict:
     from diffusers import DDIMScheduler
 
+    if ldm.family == "sdxl":  # its second text encoder and tokenizer; no aesthetic-score conditioning
+        return dict(vae=ldm.vae, unet=ldm.unet, text_encoder=ldm.text_encoder, tokenizer=ldm.tokenizer,
+                    text_encoder_2=ldm.extras["text_encoder_2"], tokenizer_2=ldm.extras["tokenizer_2"],
+                    scheduler=DDIMScheduler.from_config(ldm.scheduler.config),
+                    requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
     return dict(vae=ldm.vae, unet=ldm.unet, text_encoder=ldm.text_encoder, tokenizer=ldm.tokenizer,
                 scheduler=DDIMScheduler.from_config(ldm.scheduler.config), safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
 
 
 def make_inpaint_pipeline(ldm: LDM):
-    """``StableDiffusionInpaintPipeline`` sharing the LDM's components, with a fresh DDIM scheduler."""
-    from diffusers import StableDiffusionInpaintPipeline
+    """``StableDiffusionInpaintPipeline`` (SDXL: ``StableDiffusionXLInpaintPipeline``, which adds
+    its pooled text embedding and size conditions to every UNet call and does the same latent
+    blending with a 4-channel UNet) sharing the LDM's components, with a fresh DDIM scheduler."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    if ldm.family in ("sd3", "flux"):
+        return None  # flow models inpaint with core/flow.py's own loop (no diffusers pipeline)
 
     if ldm.unet.config.in_channels != 4:
         raise ValueError(f"the UNet of {ldm.path!r} has {ldm.unet.config.in_channels} input channels; "
                          f"refinement needs the 4-channel text-to-image UNet (latent blending).")
-    pipe = StableDiffusionInpaintPipeline(**_pipeline_kwargs(ldm))
+    cls = StableDiffusionXLInpaintPipeline if ldm.family == "sdxl" else StableDiffusionInpaintPipeline
+    pipe = cls(**_pipeline_kwargs(ldm))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -99,7 +110,9 @@ def vae_roundtrip(ldm: LDM, canvases: torch.Tensor, batch_size: int = 8) -> np.n
     out = []
     for s in range(0, len(canvases), batch_size):
         z = encode_images(ldm, canvases[s:s + batch_size], mode="mode")
-        img = ldm.vae.decode(z / ldm.vae.config.scaling_factor, return_dict=False)[0]
+        shift = getattr(ldm.vae.config, "shift_factor", None)  # SD3 / Flux VAEs
+        z = z / ldm.vae.config.scaling_factor
+        img = ldm.vae.decode(z if shift is None else z + shift, return_dict=False)[0]
         out.append(to_unit(img))
     R = canvases.shape[-1]
     return np.concatenate(out) if out else np.zeros((0, R, R, 3), np.float32)
@@ -183,5 +196,10 @@ def inpaint_background(ldm: LDM, canvases: torch.Tensor, m_pre: np.ndarray, prom
     (``"sample"``, as in the official code [C]).
     pipe: an existing :func:`make_inpaint_pipeline` result to reuse (optional).
     """
+    if ldm.family in ("sd3", "flux"):  # latent blending in the flow's interpolation
+        from fgbg_utils.core import flow
+        m_pre, seeds = _check(ldm, canvases, m_pre, seeds, guidance_scale, posterior)
+        return flow.inpaint_background(ldm, canvases, m_pre, prompt, negative_prompt, guidance_scale,
+                                       steps, seeds, batch_size)
     return _inpaint(ldm, canvases, m_pre, prompt, negative_prompt, guidance_scale, steps, seeds,
                     batch_size, posterior, "np", pipe)

@@ -3,7 +3,7 @@ and a local folder, the toy model and real Stable Diffusion alike."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ class LDM:
     tokenizer: object
     scheduler: object
     path: str
+    family: str = "sd"          # sd (1.x/2.x), sdxl, sd3 or flux (core/families.py)
+    extras: dict = field(default_factory=dict)  # the other text encoders/tokenizers of sdxl/sd3/flux
 
     @property
     def vae_factor(self) -> int:
@@ -28,6 +30,8 @@ class LDM:
 
     @property
     def latent_size(self) -> int:
+        if self.family == "flux":  # no sample_size in Flux's transformer config: the VAE's
+            return int(self.vae.config.sample_size) // self.vae_factor
         return int(self.unet.config.sample_size)
 
     @property
@@ -76,9 +80,12 @@ def load_ldm(path: str, revision: str | None = None, device: str = "auto",
     scheduler core derives from it. `dtype`: see :func:`resolve_dtypes`. A `.safetensors`/`.ckpt`
     path is a single-file checkpoint: see `core.single_file` (`config` = `model.config`, the local
     diffusers folder with its configs)."""
-    from fgbg_utils.core import single_file
+    from fgbg_utils.core import families, single_file
     if single_file.is_single_file(path):
         return single_file.load_single_file(path, config, device, dtype)
+    family = families.detect_family(path, revision)
+    if family != "sd":
+        return families.load_family(family, path, revision, device, dtype)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -180,4 +187,8 @@ def encode_images(ldm: LDM, canvases: torch.Tensor, mode: str = "mode",
         out.append(dist.mode() if mode == "mode" else dist.sample(generator))
     if not out:
         raise ValueError("encode_images got no canvases")
-    return torch.cat(out) * ldm.vae.config.scaling_factor
+    z = torch.cat(out)
+    shift = getattr(ldm.vae.config, "shift_factor", None)  # SD3 / Flux VAEs: (z - shift) * scale
+    if shift is not None:
+        z = z - shift
+    return z * ldm.vae.config.scaling_factor

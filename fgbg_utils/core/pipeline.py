@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgbg_utils.core import attention, models, tokens
+from fgbg_utils.core import attention, families, models
 from fgbg_utils.core import seeds as seeds_mod
 from fgbg_utils.core.binarize import binarize
 from fgbg_utils.core.frame import Frame, canvas_to_original, image_to_canvas, make_frame
@@ -237,10 +237,15 @@ class FgBgPipeline:
 
     @property
     def components(self) -> dict:
-        """m's vae, unet, text_encoder, tokenizer and scheduler (diffusers naming)."""
+        """m's vae, unet, text_encoder, tokenizer and scheduler (diffusers naming; SDXL, SD3, Flux:
+        also their other text encoders and tokenizers, and `transformer` instead of `unet`)."""
         m = self.ldm
-        return {"vae": m.vae, "unet": m.unet, "text_encoder": m.text_encoder,
-                "tokenizer": m.tokenizer, "scheduler": m.scheduler}
+        out = {"vae": m.vae, "unet": m.unet, "text_encoder": m.text_encoder,
+               "tokenizer": m.tokenizer, "scheduler": m.scheduler}
+        out.update({k: v for k, v in m.extras.items() if k.startswith(("text_encoder", "tokenizer"))})
+        if m.family in families.FLOW:
+            out["transformer"] = out.pop("unet")
+        return out
 
     @property
     def resolution(self) -> int:
@@ -262,12 +267,15 @@ class FgBgPipeline:
                        parts: Sequence[str] = (), T0: int = 40, seed: int = 0, ids=None,
                        grid_steps: int = 50, latent: str = "mode", batch_rows: int | str = 160,
                        per_timestep: bool = False, per_layer: bool = False,
-                       per_token: bool = False, progress: bool = False) -> AttentionMaps:
+                       per_token: bool = False, progress: bool = False, layers=None) -> AttentionMaps:
         """M̂ of `object_word` (+ `parts`) with the pretrained m: the mean cross-attention over the
         T0 lowest DDIM levels and all attn2 layers. Image i's noise is seeded by (seed, ids[i])
         exactly as in stage 01, so a map equals stage 01's for the same id and parameters.
         `per_timestep` computes all grid levels (stage 01's `sweep`), which also groups images as
-        the stage does with the sweep on. `batch_rows`: UNet rows per call, or "auto"."""
+        the stage does with the sweep on. `batch_rows`: UNet rows per call, or "auto". `layers`:
+        fnmatch patterns of the attention layers to average (None: all, as in the paper). Any
+        family (core/families.py): SDXL's attn2, SD3's and Flux's joint attention, T0 lowest
+        DDIM timesteps or flow-matching σ."""
         ldm = self.ldm
         if latent not in ("mode", "sample"):
             raise ValueError(f"latent={latent!r}; choose 'mode' or 'sample'")
@@ -275,18 +283,19 @@ class FgBgPipeline:
         ids = _ids(ids, len(frames))
         prompt = prompt.replace("{object}", object_word)
         words = [object_word, *parts]
-        positions = tokens.prompt_positions(ldm.tokenizer, prompt, words)
+        positions = families.prompt_positions(ldm, prompt, words)
         flat = [p for w in words for p in positions[w]]
         n_levels = max(min(50, grid_steps) if per_timestep else T0, T0)
-        timesteps = models.lowest_timesteps(ldm.scheduler, n_levels, grid_steps)
-        emb = models.encode_prompt(ldm, prompt)
+        timesteps = families.noise_levels(ldm, n_levels, grid_steps)
+        layer_list = families.layer_names(ldm, layers)
+        emb = families.encode_condition(ldm, prompt)
         rows = attention.resolve_batch_rows(batch_rows, ldm.unet, ldm.latent_size)
         per_group = max(1, rows // n_levels)
         parts_out: dict[str, list] = {k: [] for k in ("mhat_raw", "per_timestep", "per_layer", "per_token")}
         for start in range(0, len(ids), per_group):
             sl = slice(start, start + per_group)
             full = self._full_maps(x[sl], ids[sl], emb, flat, timesteps, grid_steps, seed, latent, rows,
-                                   progress)
+                                   progress, layers)
             for k, v in attention.reduce_maps(full, T0).items():
                 parts_out[k].append(v.numpy())
         red = {k: np.concatenate(v) for k, v in parts_out.items()}
@@ -295,13 +304,14 @@ class FgBgPipeline:
         f32 = lambda a: a.astype(np.float32)
         return AttentionMaps(
             mhat=mhat, mhat_raw=f32(red["mhat_raw"]), frames=frames, ids=ids,
-            timesteps=np.asarray(timesteps), layers=_layer_names(ldm.unet),
+            timesteps=np.asarray(timesteps), layers=layer_list,
             token_positions=positions, prompt=prompt, T0=T0, vae_factor=f,
             per_timestep=f32(red["per_timestep"]) if per_timestep else None,
             per_layer=f32(red["per_layer"]) if per_layer else None,
             per_token=f32(red["per_token"]) if per_token else None)
 
-    def _full_maps(self, x, ids, emb, flat, timesteps, grid_steps, seed, latent, rows, progress):
+    def _full_maps(self, x, ids, emb, flat, timesteps, grid_steps, seed, latent, rows, progress,
+                   layers=None):
         """Stage 01's `_process_group`: z0, per-image noise, the batched capture."""
         ldm = self.ldm
         if latent == "mode":
@@ -313,8 +323,8 @@ class FgBgPipeline:
         noise = torch.stack([attention.image_noise(seeds_mod.generator(seed, "01-noise", im_id),
                                                    grid_steps, z0.shape[1:])[:len(timesteps)]
                              for im_id in ids])
-        return attention.attention_maps(ldm.unet, ldm.scheduler, z0, emb, flat, timesteps, noise,
-                                        rows, progress)
+        return attention.capture_maps(families.denoiser(ldm, emb, layers), z0, flat, timesteps, noise,
+                                      rows, progress)
 
     # -- §2.2 preliminary masks (stage 02)
     def preliminary_masks(self, maps: AttentionMaps, gmm_seed: int = 0,
@@ -422,6 +432,18 @@ class FgBgPipeline:
 
     remove_objects = refine
 
+    # -- what a model family reads (stage 01's summary)
+    def describe_words(self, prompt: str, words: Sequence[str]) -> dict[str, dict]:
+        """Positions and pieces of each word in the text sequence the attention sees."""
+        return families.describe_words(self.ldm, prompt, list(words))
+
+    def noise_levels(self, n: int, grid_steps: int = 50) -> np.ndarray:
+        """The n lowest noise levels (DDIM timesteps or flow-matching σ), ascending."""
+        return families.noise_levels(self.ldm, n, grid_steps)
+
+    def layer_names(self, layers=None) -> list[str]:
+        return families.layer_names(self.ldm, layers)
+
     # -- §2.5 concept-guided sampling
     @torch.no_grad()
     def sample(self, prompt_f: str, n: int | None = None, seeds: Sequence[int] | None = None,
@@ -450,6 +472,3 @@ class FgBgPipeline:
 
         return predict(model, [to_uint8(im) for im in _as_list(images)], seg_config)
 
-
-def _layer_names(unet) -> list[str]:
-    return [n.removesuffix(".processor") for n in unet.attn_processors if n.endswith("attn2.processor")]

@@ -36,12 +36,12 @@ def presence_scores(ldm: LDM, images: np.ndarray, prompt: str, words: list[str],
                     seed: int = 0, grid_steps: int = 50, batch_rows: int | str = 160) -> np.ndarray:
     """Peak of the raw (un-normalised) M̂ of the object word per image: high when the model finds
     the object. images: (n, R, R, 3) in [0, 1] at the model's resolution."""
-    from fgbg_utils.core.tokens import prompt_positions
+    from fgbg_utils.core import families  # any model family (same calls as before for SD 1.x/2.x)
 
-    pos = prompt_positions(ldm.tokenizer, prompt, words)
+    pos = families.prompt_positions(ldm, prompt, words)
     flat = [p for w in words for p in pos[w]]
-    ts = models.lowest_timesteps(ldm.scheduler, T0, grid_steps)
-    emb = models.encode_prompt(ldm, prompt)
+    ts = families.noise_levels(ldm, T0, grid_steps)
+    cond = families.encode_condition(ldm, prompt)
     out = []
     batch_rows = attention.resolve_batch_rows(batch_rows, ldm.unet, ldm.latent_size)
     per = max(1, batch_rows // T0)
@@ -51,6 +51,6 @@ def presence_scores(ldm: LDM, images: np.ndarray, prompt: str, words: list[str],
         noise = torch.stack([attention.image_noise(seeds.generator(seed, "presence", str(start + i)),
                                                    grid_steps, z0.shape[1:])[:T0]
                              for i in range(len(x))])
-        full = attention.attention_maps(ldm.unet, ldm.scheduler, z0, emb, flat, ts, noise, batch_rows)
+        full = attention.capture_maps(families.denoiser(ldm, cond), z0, flat, ts, noise, batch_rows)
         out.append(attention.reduce_maps(full, T0)["mhat_raw"].flatten(1).amax(1).numpy())
     return np.concatenate(out)

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fgbg_utils.core import models
+from fgbg_utils.core import families
 from fgbg_utils.core.models import LDM
 
 
@@ -46,7 +46,8 @@ def _expand(emb: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def guided_eps(unet, z_t: torch.Tensor, t, emb_f: torch.Tensor, emb_b: torch.Tensor,
-               s: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+               s: float | Sequence[float] | torch.Tensor, added_f: dict | None = None,
+               added_b: dict | None = None) -> torch.Tensor:
     """Concept-guided model output ε̂ = ε(y_b) + s·(ε(y_f) − ε(y_b)) (ε or v, as the UNet predicts:
     see the module docstring).
 
@@ -57,7 +58,7 @@ def guided_eps(unet, z_t: torch.Tensor, t, emb_f: torch.Tensor, emb_b: torch.Ten
     One batched UNet call over [y_b rows; y_f rows]. Shortcuts, for a scalar s only: s == 1 exactly
     runs the y_f half alone and returns ε(y_f); s == 0 exactly runs the y_b half alone and returns
     ε(y_b) (the guidance formula gives these values anyway; the shortcut halves the cost). The output
-    has z_t's dtype.
+    has z_t's dtype. added_f / added_b: SDXL's added conditions of y_f / y_b (batch 1 or B).
     """
     n = z_t.shape[0]
     dtype = unet.dtype
@@ -68,9 +69,11 @@ def guided_eps(unet, z_t: torch.Tensor, t, emb_f: torch.Tensor, emb_b: torch.Ten
     if scalar:
         s = float(s)
         if s == 1.0:
-            return unet(x, t, encoder_hidden_states=emb_f).sample.to(z_t.dtype)
+            kw = families.unet_kwargs(added_f, n, x.device, dtype)
+            return unet(x, t, encoder_hidden_states=emb_f, **kw).sample.to(z_t.dtype)
         if s == 0.0:
-            return unet(x, t, encoder_hidden_states=emb_b).sample.to(z_t.dtype)
+            kw = families.unet_kwargs(added_b, n, x.device, dtype)
+            return unet(x, t, encoder_hidden_states=emb_b, **kw).sample.to(z_t.dtype)
         scale = torch.tensor(s, dtype=torch.float32, device=x.device)
     else:
         scale = torch.as_tensor(s if isinstance(s, torch.Tensor) else np.asarray(s, np.float32),
@@ -78,7 +81,11 @@ def guided_eps(unet, z_t: torch.Tensor, t, emb_f: torch.Tensor, emb_b: torch.Ten
         if scale.numel() != n:
             raise ValueError(f"{scale.numel()} guidance scales for a batch of {n}")
         scale = scale.view(n, *([1] * (z_t.dim() - 1)))
-    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([emb_b, emb_f])).sample
+    kw = {}
+    if added_f is not None:
+        kb, kf = (families.unet_kwargs(a, n, x.device, dtype)["added_cond_kwargs"] for a in (added_b, added_f))
+        kw = {"added_cond_kwargs": {k: torch.cat([kb[k], kf[k]]) for k in kf}}
+    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([emb_b, emb_f]), **kw).sample
     eps_b, eps_f = out.float().chunk(2)
     return (eps_b + scale * (eps_f - eps_b)).to(z_t.dtype)
 
@@ -94,6 +101,9 @@ def initial_latents(ldm: LDM, seed_list: Sequence[int]) -> torch.Tensor:
 @torch.no_grad()
 def decode_latents(ldm: LDM, latents: torch.Tensor) -> np.ndarray:
     """VAE decode of final latents -> (n, R, R, 3) float32 in [0, 1]."""
+    if ldm.family in families.FLOW:  # x = D(z / scaling + shift)
+        from fgbg_utils.core import flow
+        return flow.decode(ldm, latents)
     vae = ldm.vae
     x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
     return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
@@ -101,7 +111,7 @@ def decode_latents(ldm: LDM, latents: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def _denoise(ldm: LDM, latents: torch.Tensor, emb_f, emb_b, s, steps: int,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, added: tuple = (None, None)) -> torch.Tensor:
     """DDIM (η = 0) from initial noise (already times init_noise_sigma) to final latents, float32."""
     from diffusers import DDIMScheduler
 
@@ -113,9 +123,16 @@ def _denoise(ldm: LDM, latents: torch.Tensor, emb_f, emb_b, s, steps: int,
         from tqdm.auto import tqdm
         it = tqdm(it, desc="DDIM", leave=False)
     for t in it:
-        eps = guided_eps(ldm.unet, sched.scale_model_input(z, t), t, emb_f, emb_b, s)
+        eps = guided_eps(ldm.unet, sched.scale_model_input(z, t), t, emb_f, emb_b, s, *added)
         z = sched.step(eps.float(), t, z, eta=0.0).prev_sample
     return z
+
+
+def _conditions(ldm: LDM, prompt_f: str, prompt_b: str):
+    """(emb_f, emb_b, (added_f, added_b)): the sequence embeddings of y_f and y_b, and SDXL's added
+    conditions of each (None, None for SD 1.x/2.x)."""
+    cf, cb = families.encode_condition(ldm, prompt_f), families.encode_condition(ldm, prompt_b)
+    return cf.emb, cb.emb, (families.added_conditions(cf), families.added_conditions(cb))
 
 
 @torch.no_grad()
@@ -130,8 +147,10 @@ def sample_guided(ldm: LDM, prompt_f: str, prompt_b: str, s: float, seed_list: S
     the batch. s = 1 equals StableDiffusionPipeline(prompt_f, guidance_scale=1) with a DDIM
     scheduler; s = 0 is plain y_b sampling.
     """
-    emb_f = models.encode_prompt(ldm, prompt_f)
-    emb_b = models.encode_prompt(ldm, prompt_b)
+    if ldm.family in families.FLOW:  # SD3: Euler steps of the guided velocity (core/flow.py)
+        from fgbg_utils.core import flow
+        return flow.sample_guided(ldm, prompt_f, prompt_b, s, seed_list, steps, batch_size)
+    emb_f, emb_b, added = _conditions(ldm, prompt_f, prompt_b)
     from diffusers import DDIMScheduler
     sigma = DDIMScheduler.from_config(ldm.scheduler.config).init_noise_sigma
     images, lats = [], []
@@ -141,7 +160,7 @@ def sample_guided(ldm: LDM, prompt_f: str, prompt_b: str, s: float, seed_list: S
         starts = tqdm(starts, desc="sampling")
     for start in starts:
         chunk = list(seed_list[start:start + batch_size])
-        z = _denoise(ldm, initial_latents(ldm, chunk) * sigma, emb_f, emb_b, s, steps)
+        z = _denoise(ldm, initial_latents(ldm, chunk) * sigma, emb_f, emb_b, s, steps, added=added)
         images.append(decode_latents(ldm, z))
         lats.append(z.float().cpu())
     R, c, size = ldm.resolution, int(ldm.unet.config.in_channels), ldm.latent_size
@@ -156,8 +175,10 @@ def guidance_sweep(ldm: LDM, prompt_f: str, prompt_b: str, scales: Sequence[floa
     """The paper's Fig. 8: the same seed (the same initial noise) sampled at every scale s.
     Scales run as rows of one batch (per-row s). Returns (len(scales), R, R, 3) float32 in [0, 1]."""
     scales = [float(v) for v in scales]
-    emb_f = models.encode_prompt(ldm, prompt_f)
-    emb_b = models.encode_prompt(ldm, prompt_b)
+    if ldm.family in families.FLOW:
+        from fgbg_utils.core import flow
+        return flow.guidance_sweep(ldm, prompt_f, prompt_b, scales, seed, steps, batch_size)
+    emb_f, emb_b, added = _conditions(ldm, prompt_f, prompt_b)
     from diffusers import DDIMScheduler
     sigma = DDIMScheduler.from_config(ldm.scheduler.config).init_noise_sigma
     noise = initial_latents(ldm, [seed]) * sigma
@@ -165,7 +186,7 @@ def guidance_sweep(ldm: LDM, prompt_f: str, prompt_b: str, scales: Sequence[floa
     for start in range(0, len(scales), batch_size):
         chunk = scales[start:start + batch_size]
         z = _denoise(ldm, noise.expand(len(chunk), -1, -1, -1).clone(), emb_f, emb_b,
-                     torch.tensor(chunk), steps)
+                     torch.tensor(chunk), steps, added=added)
         out.append(decode_latents(ldm, z))
     R = ldm.resolution
     return np.concatenate(out) if out else np.zeros((0, R, R, 3), np.float32)

@@ -68,9 +68,10 @@ def _check_known(tokenizer, word: str, ids: list[int]) -> None:
                          f"{tokenizer.unk_token!r}); use a word from its vocabulary as `object`.")
 
 
-def _check_limit(tokenizer, prompt: str, word: str, positions: list[int]) -> None:
+def _check_limit(tokenizer, prompt: str, word: str, positions: list[int],
+                 max_length: int | None = None) -> None:
     offset, suffix = _special_counts(tokenizer)
-    n = tokenizer.model_max_length
+    n = tokenizer.model_max_length if max_length is None else int(max_length)
     limit = n - suffix  # truncation keeps the end token in the last slot
     if positions[-1] >= limit:
         total = offset + len(_ids(tokenizer, prompt)) + suffix
@@ -88,14 +89,16 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     return positions
 
 
-def describe_words(tokenizer, prompt: str, words: list[str]) -> dict[str, dict]:
+def describe_words(tokenizer, prompt: str, words: list[str],
+                   max_length: int | None = None) -> dict[str, dict]:
     """Per word: positions, BPE pieces (`tokens`), `split` (more than one token), `occurrences`
-    in the prompt. Raises TokenError like `word_positions`."""
+    in the prompt. Raises TokenError like `word_positions`. `max_length`: tokens the text encoder
+    reads (default the tokenizer's model_max_length; T5 segments: the pipeline's max_sequence_length)."""
     out = {}
     for w in words:
         positions, ids, count = _locate(tokenizer, prompt, w)
         _check_known(tokenizer, w, ids)
-        _check_limit(tokenizer, prompt, w, positions)
+        _check_limit(tokenizer, prompt, w, positions, max_length)
         out[w] = {"positions": positions, "tokens": tokenizer.convert_ids_to_tokens(ids),
                   "split": len(ids) > 1, "occurrences": count}
     return out

@@ -61,6 +61,8 @@ class AttentionParams(Section):
     latent: Literal["mode", "sample"] = P("mode", "VAE posterior: mode (deterministic) or sample [C]")
     sweep: bool = P(True, "also keep all grid_steps per-timestep maps for the T0 sweep")
     keep_per_layer: bool = P(True, "keep per-layer maps for exploration")
+    layers: Optional[list[str]] = P(None, "layers averaged into M̂: fnmatch patterns of their names, "
+                                          "e.g. 'up_blocks.*'; null = all [P]")
 
 
 class BinarizationParams(Section):
@@ -72,12 +74,12 @@ class FinetuneParams(FinetuneSettings, Section):
     """Stage 03: the trainer's settings (declared in training.config) and its evaluation samples."""
     eval_samples: int = P(16, "y_f and y_b samples before/after fine-tuning (0: none)", ge=0)
     eval_steps: int = P(50, "DDIM steps of those samples", ge=1)
-    eval_guidance: float = P(3.0, "scale s of the y_b-vs-y_f contrast samples")
+    eval_guidance: float = P(3.0, "guidance_scale w of the y_b-vs-y_f contrast samples (concept scale s = 1 - w)")
 
 
 class RefinementParams(Section):
     steps: int = P(50, "DDIM steps of the inpainting [P]", ge=1)
-    guidance_scale: float = P(1.0, "> 1: CFG with y_f as the negative prompt")
+    guidance_scale: float = P(1.0, "w > 1: CFG with y_f as the negative prompt (concept scale s = 1 - w)")
     reference: Literal["roundtrip", "original"] = P("roundtrip", "difference against the VAE round trip or the original")
     batch_size: int = P(8, "images per inpainting batch", ge=1)
     orphan_filter: bool = P(True, "orphan filter inside g [C]")
@@ -94,6 +96,9 @@ class SynthesisParams(Section):
     background_guidance: float = P(-2.0, "s of the pure backgrounds (< 0: away from y_f)")
     sweep_scales: list[float] = P([-2, -1, 0, 1, 2, 3, 5, 7.5], "scales of the guidance-sweep figure")
     sweep_seeds: int = P(3, "seeds (rows) of the guidance-sweep figure", ge=0)
+    fid_features: Optional[str] = P("models/toy-features", "FID feature network: a TorchScript Inception-v3 file (NVIDIA's inception-2015-12-05.pt, as clean-fid/StyleGAN use) or a project feature-net folder (toy: models/toy-features); null: no FID")
+    fid_scales: list[float] = P([1, 3, 7.5], "guidance scales s of the FID sweep (the paper's Fig. 8); the run's own s is added")
+    fid_images: int = P(32, "generated images per scale of the FID sweep (the run's own s: the first of D')", ge=2)
     disk_budget_gb: float = P(50.0, "refuse n_images whose outputs could exceed this (raw upper bound; CUB: ~24 GB)")
 
 
@@ -102,6 +107,7 @@ class SegmentationParams(SegSettings, Section):
     rows: list[SegRow] = P(list(SEG_ROWS), "U-Net rows of Table 2 to train")
     protocol: Literal["full", "center_crop"] = P("full", "full (original size) or center_crop (the official crop)")
     detector_area: float = P(0.01, "object-free check: supervised U-Net area below this")
+    synthetic_filter_iou: float = P(0.0, "keep a D'_s pair only if its mask reaches this IoU with U-Net(D_s)'s prediction on the synthetic image (0: keep all) [ours, label-free]", ge=0, le=1)
     workers: Union[int, Literal["auto"]] = P("auto", "U-Nets trained at once, each in a single-thread process (auto: 2 on a CPU, 0 on a GPU; 0: one after another in this process)")
 
 
@@ -110,6 +116,9 @@ class EvaluationParams(Section):
     ground_truth_kind: Literal["masks", "boxes"] = P("masks", "masks, or boxes (masks/ hold box images: box IoU vs them)")
     auc_bins: int = P(10000, "bins of the streaming AUC-ROC", ge=2)
     figure_images: int = P(8, "images in figure grids", ge=0)
+    grabcut: bool = P(True, "score Table 1's GrabCut baseline (cv2.grabCut from a centred rectangle) as row `grabcut`")
+    grabcut_margin: float = P(0.02, "GrabCut: border outside the start rectangle, a fraction of each side (>= 1 px) [val: 0.02 best of 0.02-0.2 (IoU 0.579 vs 0.464 at 0.05); the baselines' papers give none]", ge=0, lt=0.5)
+    grabcut_iterations: int = P(5, "GrabCut iterations [val: 3, 5 and 10 tie (1 is lower); 5 as in OpenCV's tutorial]", ge=1)
 
 
 class AblationParams(Section):

@@ -98,6 +98,16 @@ def static_notebook(nb):
 
 
 STYLE = re.compile(r"<style[^>]*>.*?</style>", re.S | re.I)
+NS_DECLARATION = re.compile(r'\s+xmlns:(ns\d+)="http://www\.w3\.org/1998/Math/MathML"')
+
+
+def plain_mathml(body: str) -> str:
+    """Undo the namespace prefix nbconvert's heading-anchor filter gives MathML in headings
+    (ElementTree re-serialises `<math>` as `<ns0:math>` and declares `xmlns:ns0` on the heading):
+    an HTML parser knows only the plain `<math>` tag, and showed the prefixed one as flat text."""
+    for prefix in set(NS_DECLARATION.findall(body)):
+        body = re.sub(rf"<(/?){prefix}:", r"<\1", body)
+    return NS_DECLARATION.sub("", body)
 SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.S | re.I)
 
 
@@ -116,7 +126,7 @@ def notebook_body(path: Path) -> tuple[str, str]:
     head = page[:page.find("</head>")] if "</head>" in page else ""
     start, end = page.find("<body"), page.rfind("</body>")
     body = page[page.find(">", start) + 1:end] if start >= 0 and end > 0 else page
-    return "".join(STYLE.findall(head)), SCRIPT.sub("", body)
+    return "".join(STYLE.findall(head)), plain_mathml(SCRIPT.sub("", body))
 
 
 def _table_html(run_dir: Path) -> str:
@@ -230,6 +240,17 @@ def mask_gallery(run_dir: Path, metrics: dict, n: int = GALLERY_SIZE) -> str:
             f"<div class='fgbg-gallery'>{''.join(cells)}</div>{note}")
 
 
+def _table1_html(run_dir: Path) -> str:
+    """Table 1's layout (ACC, IoU, mIoU) with the paper's CUB numbers beside (views/evidence.py)."""
+    path = run_dir / "metrics" / f"{STAGES['06']}.json"
+    if not path.exists():
+        return ""
+    from fgbg_utils.views.evidence import table1_html
+
+    block = table1_html(json.loads(path.read_text()))
+    return f"<h2>Table 1: against unsupervised baselines</h2>{block}" if block else ""
+
+
 def _gallery_html(run_dir: Path) -> str:
     """The mask gallery when stage 06 scored nothing (the dataset has no ground truth)."""
     path = run_dir / "metrics" / f"{STAGES['06']}.json"
@@ -279,7 +300,8 @@ def write_report(run_dir: str | Path) -> Path:
             f".fgbg-gallery img{{margin-right:2px}}</style></head><body>"
             f"<div style='margin:1em'><h1>fgbg run: {name}</h1>"
             f"{_manifest_html(run_dir)}{_chart_html(run_dir)}"
-            f"<h2>Metrics (evaluation split, pooled)</h2>{_table_html(run_dir)}{_gallery_html(run_dir)}"
+            f"<h2>Metrics (evaluation split, pooled)</h2>{_table_html(run_dir)}{_table1_html(run_dir)}"
+            f"{_gallery_html(run_dir)}"
             f"<p>{toc}</p></div>{''.join(parts)}</body></html>")
     out = run_dir / "report.html"
     atomic_write_text(out, page)

@@ -4,6 +4,7 @@ gets every top-level parameter as a papermill parameter (paths relative to the p
 way `papermill NB.ipynb OUT.ipynb -f params/toy.yaml` passes them."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -128,6 +129,23 @@ def resolve_jobs(cfg, jobs: int | str | None) -> int:
     return n
 
 
+@contextlib.contextmanager
+def ipc_kernel(kernel_name: str = "python3"):
+    """A kernel manager whose kernel talks over IPC sockets in a private temporary folder, shut
+    down on exit: no "Kernel is running over TCP without encryption" warning per notebook."""
+    import tempfile
+
+    from jupyter_client.manager import KernelManager
+
+    with tempfile.TemporaryDirectory(prefix="fgbg-kernel-") as sockets:
+        km = KernelManager(kernel_name=kernel_name, transport="ipc", ip=str(Path(sockets) / "kernel"))
+        try:
+            yield km
+        finally:
+            if km.has_kernel:
+                km.shutdown_kernel()
+
+
 def execute_notebook(name: str, parameters: dict, run_dir: str) -> float:
     """One stage notebook, executed with papermill into DIR/notebooks/; returns its seconds.
     Papermill writes a hidden partial copy (.NAME.partial.ipynb), renamed into place once whole: a
@@ -145,8 +163,10 @@ def execute_notebook(name: str, parameters: dict, run_dir: str) -> float:
     final, partial = nb_dir / f"{name}.ipynb", nb_dir / f".{name}.partial.ipynb"
     t0 = time.time()
     try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
-                            cwd=str(NOTEBOOKS), progress_bar=False, request_save_on_cell_execute=True)
+        with ipc_kernel() as km:
+            pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
+                                cwd=str(NOTEBOOKS), progress_bar=False,
+                                request_save_on_cell_execute=True, km=km)
     except BaseException as e:
         _keep_failed(partial, final)
         if isinstance(e, OSError) and (err := storage_error(e, nb_dir)) is not None:

@@ -42,7 +42,10 @@ def plan(cfg, stages) -> list[Job]:
             Job("01", "01", ("01:part0", "01:part1"), 3, force=False), Job("02", "02", ("01",), 2),
             Job("03", "03", ("02",), 96), Job("03-eval", "03", ("03",), 44, force=False),
             Job("04", "04", ("02", "03"), 53), Job("05", "05", ("03",), 92)]
-    jobs += [Job(f"06:{r}", "06", ROW_INPUTS[r], 80) for r in rows]
+    # with the D'_s filter, U-Net(D_s ∪ D'_s) reads U-Net(D_s)'s predictions
+    after = lambda r: ("06:unet_D_s",) if (r == "unet_D_s_plus_synth" and "unet_D_s" in rows  # noqa: E731
+                                           and cfg.segmentation.synthetic_filter_iou) else ()
+    jobs += [Job(f"06:{r}", "06", ROW_INPUTS[r] + after(r), 80) for r in rows]
     jobs.append(Job("06", "06", ("02", "03-eval", "04", "05", *(f"06:{r}" for r in rows)), 6))
     mine = {j.name for j in jobs if j.stage in stages}
     return [Job(j.name, j.stage, tuple(n for n in j.needs if n in mine), j.cost, j.force)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fgbg_utils.core import attention, models, tokens
+from fgbg_utils.core import attention, families, tokens
 from fgbg_utils.core.frame import Frame
 from fgbg_utils.data.datasets import CorruptImageError, DatasetError, image_size, load_image
 from fgbg_utils.data.loader import load_dataset
@@ -84,7 +84,7 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None, part: tuple[
     pipe = pipe or load_pipeline(cfg)
     ldm = pipe.ldm
     words = cfg.words
-    info = tokens.describe_words(ldm.tokenizer, cfg.resolved_prompt, words)
+    info = pipe.describe_words(cfg.resolved_prompt, words)
     if shards.is_main and any(w["split"] for w in info.values()):
         print("\n".join(tokens.describe_lines(info)))
     rows = attention.resolve_batch_rows(cfg.attention.batch_rows, ldm.unet, ldm.latent_size)
@@ -104,7 +104,8 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None, part: tuple[
             maps = pipe.attention_maps(
                 images, cfg.object, cfg.prompt, cfg.parts, cfg.T0, cfg.seed, [r.id for r in good],
                 cfg.attention.grid_steps, cfg.attention.latent, rows, per_timestep=cfg.attention.sweep,
-                per_layer=cfg.attention.keep_per_layer, per_token=cfg.attention.keep_per_layer)
+                per_layer=cfg.attention.keep_per_layer, per_token=cfg.attention.keep_per_layer,
+                layers=cfg.attention.layers)
             save_maps(cfg, maps, sizes)
         bar.update(len(group))
     bar.close()
@@ -120,17 +121,16 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None, part: tuple[
         raise DatasetError(f"no image of the dataset could be read ({len(records)} listed"
                            + (f"; unreadable: {listed}" if listed else "") + "). Replace the "
                            "damaged files or point dataset.root at a folder of readable images.")
-    positions = tokens.prompt_positions(ldm.tokenizer, cfg.resolved_prompt, words)
+    positions = families.prompt_positions(ldm, cfg.resolved_prompt, words)
     summary = {"prompt": cfg.resolved_prompt, "token_positions": positions,
                "token_pieces": {w: d["tokens"] for w, d in info.items()},
-               "timesteps": models.lowest_timesteps(ldm.scheduler, n_levels(cfg),
-                                                    cfg.attention.grid_steps).tolist(),
+               "timesteps": pipe.noise_levels(n_levels(cfg), cfg.attention.grid_steps).tolist(),
+               "family": ldm.family,
                "T0": cfg.T0, "n_images": len(done), "n_computed": sum(map(len, todo)),
                "skipped_images": sorted(set(map(tuple, bad_all))), "images": [r.id for r in done],
                "splits": {r.id: r.split for r in done}, "resolution": ldm.resolution,
                "latent_size": ldm.latent_size, "vae_factor": ldm.vae_factor,
-               "layers": [n.removesuffix(".processor") for n in ldm.unet.attn_processors
-                          if n.endswith("attn2.processor")], "processes": shards.count}
+               "layers": pipe.layer_names(cfg.attention.layers), "processes": shards.count}
     atomic_write_json(out_dir / "summary.json", summary)
     update_stage(cfg, "01", complete=True, n_images=len(done))
     return summary

@@ -147,7 +147,7 @@ class Shards:
     def bar(self, total: int, desc: str, unit: str, progress: bool):
         """A progress bar per process (one line each)."""
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc + self.tag, unit=unit, disable=not progress,
+        return tqdm(total=total, desc=desc + self.tag, unit=unit, disable=not progress or total == 0,
                     position=self.index if self.count > 1 else None, leave=self.count == 1)
 
     def mine(self, items: list) -> list:

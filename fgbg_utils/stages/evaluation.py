@@ -1,6 +1,7 @@
 """Stage 06: the evaluation of the paper's Table 2 (docs/method.md §2.6). Segmentation U-Nets trained on
 (D, M_pre), D_s = (D, M), D_s ∪ D'_s and, for reference, on ground truth; each is scored on the
-held-out split beside the direct masks M_pre, M_crop and M. The best label-free U-Net's masks of
+held-out split beside the direct masks M_pre, M_crop and M, and beside GrabCut (Table 1's
+unsupervised baseline, core/baselines.py; its masks go to predictions/grabcut/). The best label-free U-Net's masks of
 every image (the method's product, with or without ground truth) go to masks/<row>/<id>.png."""
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair
 
 STAGE = "06_evaluation"
 STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
-ROWS = ("M_pre", "M_crop", "unet_M_pre", "M", "unet_D_s", "unet_D_s_plus_synth", "supervised")
-PAPER_CUB_IOU = {"M_pre": 29.0, "M_crop": 30.7, "unet_M_pre": 66.5, "M": 63.6, "unet_D_s": 75.1,
+ROWS = ("grabcut", "M_pre", "M_crop", "unet_M_pre", "M", "unet_D_s", "unet_D_s_plus_synth", "supervised")
+PAPER_CUB_IOU = {"grabcut": 36.0, "M_pre": 29.0, "M_crop": 30.7, "unet_M_pre": 66.5, "M": 63.6, "unet_D_s": 75.1,
                  "unet_D_s_plus_synth": 77.2, "supervised": 88.3}
 # the upstream stages each U-Net row trains from (its networks can train as soon as they are done)
 ROW_INPUTS = {"unet_M_pre": ("02",), "unet_D_s": ("04",), "unet_D_s_plus_synth": ("04", "05"),
               "supervised": ("01",)}
-ROW_LABELS = {"M_pre": "M_pre", "M_crop": "M_crop", "unet_M_pre": "U-Net(D, M_pre)", "M": "M",
+ROW_LABELS = {"grabcut": "GrabCut", "M_pre": "M_pre", "M_crop": "M_crop", "unet_M_pre": "U-Net(D, M_pre)", "M": "M",
               "unet_D_s": "U-Net(D_s)", "unet_D_s_plus_synth": "U-Net(D_s ∪ D'_s)",
               "supervised": "supervised"}
 
@@ -89,9 +90,13 @@ def run(cfg, force: bool = False, progress: bool = True, log=print) -> dict:
     direct = {"M_pre": lambda i: mpre_original(cfg, i, frames[i]),
               "M_crop": lambda i: stage04_original(cfg, i, frames[i], "m_crop"),
               "M": lambda i: stage04_original(cfg, i, frames[i], "refined")}
-    sets = _training_sets(cfg, rows, train, result)
+    sets = _training_sets(cfg, rows, train, result, out)
     trained = train_or_load(cfg, out, sets, log, progress)
     models = {}
+    if cfg.evaluation.grabcut:
+        direct["grabcut"] = grabcut_masks(cfg, image_of, out / "predictions" / "grabcut")
+        result["grabcut"] = {"margin": cfg.evaluation.grabcut_margin,
+                             "iterations": cfg.evaluation.grabcut_iterations, "seed": cfg.seed}
     for row in ROWS:
         if row in direct:
             scorer.score_masks(row, direct[row])
@@ -125,7 +130,7 @@ def train_rows(cfg, rows, force: bool = False, log=print) -> list[str]:
     if not force:
         refuse_other_params(cfg, "06", stage_inputs(cfg))
     train, _ = _splits(cfg)
-    sets = _training_sets(cfg, rows, train, {"skipped_rows": {}})
+    sets = _training_sets(cfg, rows, train, {"skipped_rows": {}}, stage_dir(cfg, "06"))
     train_or_load(cfg, stage_dir(cfg, "06"), sets, log, progress=False, processes=0,
                   retrain=set(sets) if force else ())
     return list(sets)
@@ -143,7 +148,7 @@ def unet_rows_with_seed(cfg, seed: int, out: Path, log=print, processes: int | N
     gt_test, _ = load_ground_truth(test)
     by_id = {r.id: r for r in train + test}
     image_of = lambda i: load_image(by_id[i].image)  # noqa: E731
-    sets = _training_sets(seeded, list(seeded.segmentation.rows), train, {"skipped_rows": {}})
+    sets = _training_sets(seeded, list(seeded.segmentation.rows), train, {"skipped_rows": {}}, Path(out))
     trained = train_or_load(seeded, Path(out), sets, log, progress=False, processes=processes)
     scorer = _Scorer(seeded, gt_test, image_of)
     for row in ROWS:
@@ -164,12 +169,53 @@ def mpre_original(cfg, image_id, frame) -> np.ndarray:
     return canvas_to_original(load_mpre(cfg, image_id), frame, "mask")
 
 
+def grabcut_masks(cfg, image_of, folder: Path):
+    """image id -> GrabCut's mask (Table 1's baseline) at the image's size, from a centred
+    rectangle (evaluation.grabcut_margin, grabcut_iterations; OpenCV's RNG seeded with `seed`).
+    Each mask is saved to `folder`/<id>.png and read back on a rerun (the folder is cleared
+    when the stage recomputes)."""
+    from fgbg_utils.core.baselines import grabcut
+    from fgbg_utils.data.datasets import load_mask
+
+    def mask_of(image_id: str) -> np.ndarray:
+        path = folder / f"{image_id}.png"
+        if path.exists():
+            return load_mask(path)
+        mask = grabcut(image_of(image_id), cfg.evaluation.grabcut_margin,
+                       cfg.evaluation.grabcut_iterations, cfg.seed)
+        atomic_save_png(path, mask)
+        return mask
+    return mask_of
+
+
 def stage04_original(cfg, image_id, frame, kind) -> np.ndarray:
     from fgbg_utils.stages.refinement import load_refined
     return canvas_to_original(load_refined(cfg, image_id, kind), frame, "mask")
 
 
-def _training_sets(cfg, rows, train, result) -> dict:
+def synthetic_pairs(cfg, d_s, out: Path | None, result: dict):
+    """D'_s; with segmentation.synthetic_filter_iou > 0 only the pairs whose mask agrees with the
+    prediction of U-Net(D_s) (same seed, trained or loaded first) on the synthetic image: a
+    label-free check that drops masks which miss or add an object. Records what it kept."""
+    from fgbg_utils.stages.synthesis import load_pairs
+    images, masks = load_pairs(cfg)
+    threshold = cfg.segmentation.synthetic_filter_iou
+    if not threshold:
+        return images, masks
+    if out is None:
+        raise StageError("segmentation.synthetic_filter_iou needs the folder of U-Net(D_s)")
+    model, _ = train_or_load(cfg, out, {"unet_D_s": d_s}, log=lambda *_: None, progress=False,
+                             processes=0)["unet_D_s"]
+    ious = [M.segmentation_metrics([p], [masks[k]])["iou"]
+            for k, p in enumerate(predict(model, images, seg_config(cfg)))]
+    keep = [k for k, v in enumerate(ious) if v >= threshold]
+    result["synthetic_filter"] = {"threshold": threshold, "kept": len(keep), "of": len(ious),
+                                  "iou_with_unet_D_s": [round(v, 4) for v in ious]}
+    pick = lambda seq: LazySequence(keep, lambda k: seq[k])  # noqa: E731
+    return pick(images), pick(masks)
+
+
+def _training_sets(cfg, rows, train, result, out: Path | None = None) -> dict:
     """{row: (images, masks)} of the requested U-Net rows, as lazy sequences (the U-Net resizes
     them in one pass); rows that cannot train are listed in `result`."""
     ids = [r.id for r in train]
@@ -184,8 +230,7 @@ def _training_sets(cfg, rows, train, result) -> dict:
         if "unet_D_s" in rows:
             sets["unet_D_s"] = (imgs, d_s)
         if "unet_D_s_plus_synth" in rows:
-            from fgbg_utils.stages.synthesis import load_pairs
-            syn_images, syn_masks = load_pairs(cfg)
+            syn_images, syn_masks = synthetic_pairs(cfg, (imgs, d_s), out, result)
             sets["unet_D_s_plus_synth"] = (imgs + syn_images, d_s + syn_masks)
     if "supervised" in rows:
         gt_train, skipped_train = load_ground_truth(train)

@@ -46,7 +46,8 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
     # 05 runs the refinement on D' in memory: it needs m' and the refinement settings, not 04's outputs
     Stage("05", "05_synthesis", "synthetic set D'_s", "synthesis", ("03",), ("synthesis", "refinement")),
     Stage("06", "06_evaluation", "evaluation (Table 2)", "evaluation", ("02", "04", "05"),
-          ("segmentation", "evaluation.split", "evaluation.ground_truth_kind", "dataset.ground_truth")),
+          ("segmentation", "evaluation.split", "evaluation.ground_truth_kind", "dataset.ground_truth",
+           "evaluation.grabcut", "evaluation.grabcut_margin", "evaluation.grabcut_iterations")),
 )}
 BY_NAME = {s.name: s for s in STAGES.values()}
 

@@ -7,10 +7,15 @@
    `dataset/masks/<id>.png`, `dataset/split.csv`), plus D'_f (RGBA cut-outs, `foregrounds/`) and
    D'_b (the object-removed inpaintings, `backgrounds/`).
 4. Pure backgrounds with y_b (`pure_backgrounds/`) and the guidance sweep of Fig. 8.
+5. FID of D' against the real training images (Table 3, Fig. 8): `synthesis.fid_images` samples
+   at each s of `synthesis.fid_scales` (`fid/s_<s>/`, the same seeds at every s; the run's own s
+   uses the first images of D'), and the floor between two halves of the real images
+   (core/fid.py; the feature network is `synthesis.fid_features`).
 """
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +84,12 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     n = shards.on_main(lambda: n_images(cfg))
     pipe = pipe or load_pipeline(cfg)  # m first: the disk budget is checked before anything is written
     disk = shards.on_main(lambda: check_disk_budget(cfg, n, pipe.resolution, pipe.ldm.latent_size))
+    shards.on_main(lambda: fid_features(cfg))  # a missing FID network is refused before any work
     root, force = open_sharded(cfg, "05", force, shards)
     if pipe.tuned is None:
         pipe = pipe.with_finetuned(Path(cfg.run_dir) / "03_finetuning")
     if force and shards.is_main:
-        for sub in ("dataset", "foregrounds", "backgrounds", "pure_backgrounds"):
+        for sub in ("dataset", "foregrounds", "backgrounds", "pure_backgrounds", "fid"):
             shutil.rmtree(root / sub, ignore_errors=True)
     shards.wait()
     y_f, y_b = resolved_prompt(cfg), cfg.background_prompt
@@ -95,6 +101,10 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
                     scfg.background_guidance, "05-background", progress, "05 backgrounds", shards)
     shards.wait()
     degenerate = _masks_of_synthetic(cfg, pipe, ids, progress, shards)
+    t_fid = time.time()
+    for s, folder in fid_folders(cfg).items():
+        _sample_missing(cfg, pipe.tuned, folder, fid_ids(cfg), y_f, y_b, s, "05-fid", progress,
+                        f"05 FID s={s:g}", shards)
     shards.wait()
     if not shards.is_main:
         return {}
@@ -105,6 +115,9 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     result = {"n_images": n, "guidance": scfg.guidance, "steps": scfg.steps,
               "n_pure_backgrounds": len(bg_ids), "background_guidance": scfg.background_guidance,
               "seed": cfg.seed, "disk": disk, "degenerate_m_pre": degenerate}
+    if scfg.fid_features is not None:
+        result.update(fid_metrics(cfg, ids, pipe.resolution))
+        result["fid_seconds"] = round(time.time() - t_fid, 1)
     atomic_write_json(metrics_path(cfg, "05"), result)
     update_stage(cfg, "05", complete=True)
     return result
@@ -179,6 +192,84 @@ def _write_sweep(cfg, ldm, path: Path, y_f, y_b) -> None:
             for k in range(scfg.sweep_seeds)]
     images = (np.stack(rows) * 255).round().astype(np.uint8) if rows else np.zeros((0, 0), np.uint8)
     atomic_save_npz(path, images=images, scales=np.asarray(scales, np.float32))
+
+
+# ----------------------------------------------------------------------------- FID (Table 3, Fig. 8)
+def fid_features(cfg):
+    """The FID feature module of `synthesis.fid_features` (None when null); a missing or
+    unreadable network is a StageError naming the parameter and how to get the file."""
+    from fgbg_utils.core.fid import FeatureNetworkError, load_features
+    from fgbg_utils.runs.params import resolve_path
+
+    if cfg.synthesis.fid_features is None:
+        return None
+    try:
+        features = load_features(resolve_path(cfg.synthesis.fid_features))
+    except FeatureNetworkError as e:
+        raise StageError(str(e)) from None
+    return features
+
+
+def fid_warning(cfg, features) -> str | None:
+    """Why the FID means little here: the toy world's feature network on other images."""
+    from fgbg_utils.core.fid import INCEPTION_URL
+
+    if getattr(features, "toy_world", False) and cfg.dataset.kind != "toy":
+        return (f"`synthesis.fid_features`={cfg.synthesis.fid_features} is the toy world's feature "
+                f"network; on {cfg.dataset.kind} images its FID means little. Set it to NVIDIA's "
+                f"TorchScript Inception-v3 file ({INCEPTION_URL}), or to null to skip the FID.")
+    return None
+
+
+def fid_ids(cfg) -> list[str]:
+    return [f"fid-{i:05d}" for i in range(cfg.synthesis.fid_images)]
+
+
+def fid_scales(cfg) -> list[float]:
+    """The guidance scales of the FID sweep: synthesis.fid_scales and the run's own s, sorted."""
+    return sorted({float(v) for v in cfg.synthesis.fid_scales} | {float(cfg.synthesis.guidance)})
+
+
+def fid_folders(cfg) -> dict[float, Path]:
+    """{s: folder of its FID samples} for the scales that need sampling (not the run's own s,
+    whose images are D' itself); empty when the FID is off."""
+    if cfg.synthesis.fid_features is None:
+        return {}
+    own = float(cfg.synthesis.guidance)
+    return {s: stage_root(cfg) / "fid" / f"s_{s:g}" for s in fid_scales(cfg) if s != own}
+
+
+def fid_metrics(cfg, ids, resolution: int) -> dict:
+    """`fid` (s -> FID of fid_images samples against the real training images), `fid_floor`
+    (FID between the two halves of the real training images) and the protocol."""
+    from fgbg_utils.core.fid import frechet_distance
+    from fgbg_utils.data.datasets import load_image
+    from fgbg_utils.data.lazy import LazySequence
+    from fgbg_utils.runs.params import relative_to_project
+    from fgbg_utils.stages.common import processed_records
+
+    features = fid_features(cfg)
+    real_records = [r for r in processed_records(cfg) if r.split == "train"]
+    real = [load_image(r.image) for r in real_records]
+    n, own = cfg.synthesis.fid_images, float(cfg.synthesis.guidance)
+    folders = fid_folders(cfg)
+    fid = {}
+    for s in fid_scales(cfg):
+        files = ([stage_root(cfg) / "dataset" / "images" / f"{i}.png" for i in ids[:n]] if s == own
+                 else [folders[s] / f"{i}.png" for i in fid_ids(cfg)])
+        fid[f"{s:g}"] = round(frechet_distance(real, LazySequence(files, load_image), features, resolution), 4)
+    half = len(real) // 2
+    floor = frechet_distance(real[:half], real[half:2 * half], features, resolution) if half >= 2 else None
+    return {"fid": fid, "fid_floor": None if floor is None else round(floor, 4),
+            "fid_protocol": {
+                "features": relative_to_project(str(cfg.synthesis.fid_features)),
+                "feature_dim": int(features.num_features), "size": resolution,
+                "n_real": len(real), "n_generated_per_scale": n,
+                "own_scale": own, "own_scale_images": f"the first {min(n, len(ids))} images of D'",
+                "other_scales_images": "fid/s_<s>/: seeds of stream 05-fid, the same at every s",
+                "floor": f"real training images {half} vs {half} (first half vs second half)",
+                "resize": "short side to the synthesis resolution (bicubic), centre crop",
+                "warning": fid_warning(cfg, features)}}
 
 
 def load_pairs(cfg):

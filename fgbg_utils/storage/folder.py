@@ -46,10 +46,23 @@ def _portable(value):
     return value
 
 
+# Parameters added after run folders existed, left out of the fingerprints while at their default
+# (the behaviour before they existed), so those folders resume: {section: {name: default}}.
+LATE_DEFAULTS = {"attention": {"layers": None}}
+
+
+def _without_late_defaults(key: str, value):
+    late = LATE_DEFAULTS.get(key)
+    if not late or not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if not (k in late and v == late[k])}
+
+
 def stage_params(cfg, number: str, inputs: tuple[str, ...] | None = None) -> dict:
     """The parameters a stage's outputs depend on: its own and every upstream stage's."""
     chain = _chain(number, inputs)
-    return {key: _portable(_get(cfg, key)) for n in chain for key in STAGES[n].params}
+    return {key: _portable(_without_late_defaults(key, _get(cfg, key)))
+            for n in chain for key in STAGES[n].params}
 
 
 def _chain(number: str, inputs: tuple[str, ...] | None = None) -> list[str]:

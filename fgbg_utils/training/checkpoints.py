@@ -12,6 +12,7 @@ Output folder ``out_dir``::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -182,8 +183,7 @@ def load_finetuned(ldm: LDM, out_dir) -> LDM:
                          else "The full fine-tuned UNet does not depend on them."))
     dev, dtype = ldm.unet.device, ldm.unet.dtype
     if present == "full":
-        from diffusers import UNet2DConditionModel
-        unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+        unet = type(ldm.unet).from_pretrained(str(out / "unet"))  # UNet, or SD3's transformer
     else:
         from peft import LoraConfig
         from safetensors.torch import load_file
@@ -194,6 +194,6 @@ def load_finetuned(ldm: LDM, out_dir) -> LDM:
     if unet.dtype != dtype:
         unet.to(dtype)
     unet.eval().requires_grad_(False)
-    tuned = LDM(ldm.vae, unet, ldm.text_encoder, ldm.tokenizer, ldm.scheduler, ldm.path)
+    tuned = dataclasses.replace(ldm, unet=unet)  # same family, text encoders and scheduler
     tuned.finetune_dir = str(out)  # provenance: path stays the base model's (tokenizer etc.)
     return tuned

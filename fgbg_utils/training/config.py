@@ -90,8 +90,6 @@ class SegSettings(BaseModel):
     threshold: float = Field(0.5, description="decision threshold [C]")
     hflip: bool = Field(True, description="random horizontal flips [C]")
     seed: int = Field(0, description="weights, crops and batch order")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="0: the last weights; else the exponential moving "
-                             "average of the weights (and BatchNorm statistics) with this decay [ours]")
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="no, or bf16 autocast of the training steps (ours: ~1.6x faster on a CPU with avx512_bf16)")
 

@@ -263,7 +263,6 @@ def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig
     factor = (lambda k: 0.5 * (1 + math.cos(math.pi * k / cfg.steps))) if cfg.lr_schedule == "cosine" \
         else (lambda k: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    ema = _ema(model, cfg.ema_decay)
     curve: list[float] = []
     steps = range(cfg.steps)
     if progress:
@@ -280,8 +279,6 @@ def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig
         loss.backward()
         opt.step()
         sched.step()
-        if ema is not None:
-            ema.update_parameters(model)
         curve.append(float(loss.detach()))
         if not math.isfinite(curve[-1]):
             raise FloatingPointError(f"segmentation loss became {curve[-1]} at step {step}; "
@@ -290,17 +287,7 @@ def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig
             recent = curve[-max(1, cfg.log_every):]
             log(f"segnet step {step + 1}/{cfg.steps}: loss {curve[-1]:.4f} "
                 f"(mean of last {len(recent)}: {float(np.mean(recent)):.4f})")
-    if ema is not None:
-        model.load_state_dict(ema.module.state_dict())
     return model.eval(), curve
-
-
-def _ema(model: nn.Module, decay: float):
-    """torch's AveragedModel keeping the EMA of the weights and the BatchNorm buffers, or None."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fgbg_utils.core.models import LDM, encode_images, encode_prompt
+from fgbg_utils.core import families
+from fgbg_utils.core.models import LDM, encode_images
 from fgbg_utils.io import atomic_write_json, read_json
 from fgbg_utils.training.batches import MaskedImageDataset
 from fgbg_utils.training.checkpoints import (META_NAME, STATE_NAME, check_out_dir_mode,
@@ -50,8 +51,12 @@ class Finetuner:
         # frozen parts: used once, here
         for m in (ldm.vae, ldm.text_encoder):
             m.requires_grad_(False).eval().to(dev)
-        self.emb = {p: encode_prompt(ldm, p).to(dev, torch.float32)
-                    for p in dict.fromkeys(self.dataset.prompts.values())}
+        conds = {p: families.encode_condition(ldm, p) for p in dict.fromkeys(self.dataset.prompts.values())}
+        self.emb = {p: c.emb.to(dev, torch.float32) for p, c in conds.items()}
+        self.added = {p: families.added_conditions(c, dev, torch.float32) for p, c in conds.items()}
+        self.pooled = {p: (None if c.pooled is None else c.pooled.to(dev, torch.float32)) for p, c in conds.items()}
+        self.flow_model = ldm if ldm.family in families.FLOW else None  # SD3/Flux: masked flow-matching loss
+        self.text_ids = next(iter(conds.values())).text_ids if conds else None  # Flux's RoPE text ids
         self.dataset.set_latents(self._encode_all(ldm))
 
         unet = copy.deepcopy(ldm.unet).to(dev)
@@ -81,7 +86,14 @@ class Finetuner:
             self.ema = EMAModel(self.params, decay=cfg.ema_decay)
             self.ema.to(dev)
             accelerator.register_for_checkpointing(self.ema)
-        self.noise_scheduler = DDPMScheduler.from_config(ldm.scheduler.config)
+        if self.flow_model is not None:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            from fgbg_utils.core.flow import training_sigmas
+            self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(ldm.scheduler.config)
+            self.sigmas = training_sigmas(ldm.scheduler)
+        else:
+            self.noise_scheduler = DDPMScheduler.from_config(ldm.scheduler.config)
         self.latent_shape = tuple(self.dataset.latents.shape[2:])
         self.kinds: Counter = Counter({k: 0 for k in KINDS})
         self.loss_curve: list[float] = []
@@ -131,9 +143,17 @@ class Finetuner:
             z0 = batch["latents"][mine].to(dev)
             mask = batch["masks"][mine].to(dev)
             emb = torch.cat([self.emb[p] for p in batch["prompts"][mine]])
+            added = self._added(batch["prompts"][mine])
             with acc.accumulate(self.unet):
-                loss = masked_step_loss(self.unet, self.noise_scheduler, z0, noise[mine].to(dev),
-                                        t[mine].to(dev), emb, mask, cfg.loss_norm)
+                if self.flow_model is not None:  # t indexes the training σ grid
+                    from fgbg_utils.core.flow import masked_flow_loss
+                    cond = families.Condition(emb, torch.cat([self.pooled[p] for p in batch["prompts"][mine]]),
+                                              text_ids=self.text_ids)
+                    loss = masked_flow_loss(self.flow_model, self.unet, z0, noise[mine].to(dev),
+                                            self.sigmas[t[mine]].to(dev), cond, mask, cfg.loss_norm)
+                else:
+                    loss = masked_step_loss(self.unet, self.noise_scheduler, z0, noise[mine].to(dev),
+                                            t[mine].to(dev), emb, mask, cfg.loss_norm, added)
                 acc.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -143,6 +163,13 @@ class Finetuner:
         value = total / cfg.gradient_accumulation_steps
         self.loss_curve.append(value)
         return value
+
+    def _added(self, prompts) -> dict | None:
+        """SDXL's added conditions of the batch rows (None for SD 1.x/2.x)."""
+        rows = [self.added[p] for p in prompts]
+        if not rows or rows[0] is None:
+            return None
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def kind_counts(self) -> dict:
         return {k: int(self.kinds.get(k, 0)) for k in KINDS}

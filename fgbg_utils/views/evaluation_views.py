@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from fgbg_utils.io import read_json
+from fgbg_utils.views.walkthrough import show_mask
 
 
 def _grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str] | None = None,
@@ -20,7 +21,7 @@ def _grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[
             ax.set_xticks([]), ax.set_yticks([])
             if c < len(row):
                 img = row[c]
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 2 else None)
+                ax.imshow(img) if img.ndim == 3 else show_mask(ax, img)
             else:
                 ax.axis("off")
             if r == 0 and col_labels:
@@ -217,7 +218,7 @@ def prediction_explorer(cfg, interactive: bool = True):
                        for k, v in masks.items() if k in m["rows"]]
             fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 2))
             for ax, (title, arr) in zip(axes, panels):
-                ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
+                ax.imshow(arr) if arr.ndim == 3 else show_mask(ax, arr)
                 ax.set_title(title, fontsize=7)
                 ax.axis("off")
             explorers.show_figure(fig)
@@ -226,3 +227,97 @@ def prediction_explorer(cfg, interactive: bool = True):
     redraw()
     display(W.VBox([image, out]))
     return None
+
+
+def table2_report(metrics: dict) -> str:
+    """Markdown: each Table 2 row's foreground IoU in percent beside the paper's CUB number, then
+    the paper's ordering step by step, each step 'held' or 'did not hold' on these numbers."""
+    from fgbg_utils.stages.evaluation import ROW_LABELS
+
+    rows, paper = metrics.get("rows", {}), metrics.get("paper_cub_iou", {})
+    if not rows:
+        return "No row was scored (no ground truth), so Table 2 and its ordering cannot be checked."
+    lines = ["| row | this run, IoU (%) | paper, CUB (%) |", "|---|---|---|"]
+    lines += [f"| {ROW_LABELS.get(k, k)} | {100 * m['iou']:.1f} | {paper[k]:.1f} |" if k in paper
+              else f"| {ROW_LABELS.get(k, k)} | {100 * m['iou']:.1f} | – |" for k, m in rows.items()]
+    steps, failed = [], []
+    for step, ok in metrics.get("ordering", {}).items():
+        if step == "holds":
+            continue
+        a, op, b = step.split()
+        x, y = 100 * rows[a]["iou"], 100 * rows[b]["iou"]
+        text = f"{ROW_LABELS[a]} {'≤' if op == '<=' else '<'} {ROW_LABELS[b]} ({x:.1f} vs {y:.1f})"
+        steps.append(f"* {text}: **{'held' if ok else 'did not hold'}**")
+        if not ok:
+            failed.append(text)
+    if not steps:
+        return "\n".join(lines)
+    from fgbg_utils.stages.evaluation import ordering
+
+    on_paper = ordering({k: {"iou": v} for k, v in paper.items()}).get("holds")
+    verdict = ("The paper's ordering **held** at every step on this run." if not failed else
+               f"The paper's ordering **did not hold** at {len(failed)} of {len(steps)} steps: "
+               + "; ".join(failed) + ".")
+    verdict += {True: " On the paper's CUB numbers every step holds.",
+                False: " On the paper's CUB numbers it does not hold either."}.get(on_paper, "")
+    return "\n".join(lines + ["", "The paper's ordering, step by step:", *steps, "", verdict])
+
+
+def object_free_report(check: dict, contrast_guidance: float | None = None) -> str:
+    """Markdown: notebook 03's samples and 05's pure backgrounds, checked with the supervised U-Net
+    as the object detector, in percent, with the two claims' verdicts (views.finetune_views)."""
+    from fgbg_utils.views.finetune_views import object_free_report as report
+
+    if not check:
+        return "No detector check in this run (it needs ground truth and the supervised U-Net)."
+    head = (f"The detector finds the object in {100 * check.get('real_test_detected', float('nan')):.1f} % of the "
+            f"real test images (all of which contain it); a sample is object-free below "
+            f"{100 * check['area_threshold']:g} % of the image marked.\n\n")
+    tail = ""
+    if "object_free_pure_backgrounds" in check:
+        v = check["object_free_pure_backgrounds"]
+        tail = (f"\n\nPure backgrounds of notebook 05: {100 * v:.1f} % object-free "
+                f"({check.get('n_pure_backgrounds', '?')} samples).")
+    return head + report(check, "object_free_", contrast_guidance, who="the detector") + tail
+
+
+PAPER_KEYS = {"M_pre (stage 02)": "M_pre", "M_crop (stage 04 baseline)": "M_crop", "M (stage 04)": "M"}
+
+
+def percent_table(run_dir, stages=("02", "04")) -> str:
+    """Markdown: the run's metrics rows (runner.metrics_rows) in percent, beside the paper's CUB IoU."""
+    from fgbg_utils.runs.runner import metrics_rows
+    from fgbg_utils.stages.evaluation import PAPER_CUB_IOU
+
+    rows = metrics_rows(run_dir, stages=stages)
+    if not rows:
+        return "no metrics (no ground truth, or the stages have not run)"
+    pct = lambda v: f"{100 * v:.1f}" if isinstance(v, (int, float)) else "–"
+    lines = ["| row | ACC (%) | IoU (%) | mIoU (%) | paper, CUB IoU (%) |", "|---|---|---|---|---|"]
+    for name, m in rows:
+        paper = m.get("paper_cub_iou", PAPER_CUB_IOU.get(PAPER_KEYS.get(name, "")))
+        lines.append(f"| {name} | {pct(m.get('acc'))} | {pct(m.get('iou'))} | {pct(m.get('miou'))} | "
+                     f"{'' if paper is None else f'{paper:.1f}'} |")
+    return "\n".join(lines)
+
+
+def refinement_verdicts(run_dir) -> str:
+    """Markdown: whether refinement's two claims held on this run (M beats M_pre; M beats the
+    M_crop baseline), with the IoUs in percent beside the paper's."""
+    from fgbg_utils.stages.evaluation import PAPER_CUB_IOU
+    from fgbg_utils.stages.registry import STAGE_NAMES
+
+    mdir = Path(run_dir) / "metrics"
+    m02, m04 = (mdir / f"{STAGE_NAMES[k]}.json" for k in ("02", "04"))
+    if not (m02.exists() and m04.exists()):
+        return ""
+    pre, m04 = read_json(m02).get("iou"), read_json(m04)
+    refined, crop = m04.get("refined", {}).get("iou"), m04.get("m_crop", {}).get("iou")
+    if None in (pre, refined, crop):
+        return "No ground truth: the refinement claims cannot be checked on this run."
+    p = PAPER_CUB_IOU
+    say = lambda ok: "**held**" if ok else "**did not hold**"
+    return (f"*Refinement improves $M_{{pre}}$*: {say(refined > pre)}, IoU {100 * pre:.1f} → {100 * refined:.1f} % "
+            f"(paper, CUB: {p['M_pre']:.1f} → {p['M']:.1f} %).\n\n"
+            f"*Painting with $m'$ beats the mirrored-strip baseline $M_{{crop}}$*: {say(refined > crop)}, "
+            f"{100 * refined:.1f} vs {100 * crop:.1f} % (paper: {p['M']:.1f} vs {p['M_crop']:.1f} %).")

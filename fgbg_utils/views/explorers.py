@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fgbg_utils.views.walkthrough import gmm_figure, overlay
+from fgbg_utils.views.walkthrough import gmm_figure, overlay, show_mask
 
 
 def use_widgets(interactive: bool) -> bool:
@@ -80,7 +80,7 @@ def _slider(options: list[str], description: str):
 
     return W.SelectionSlider(options=[(o, k) for k, o in enumerate(options)], value=0,
                              description=description, continuous_update=False,
-                             style={"description_width": "110px"}, layout=W.Layout(width="520px"),
+                             style={"description_width": "110px"}, layout=W.Layout(width="620px"),
                              disabled=len(options) < 2)  # one option: shown, but nothing to move
 
 
@@ -138,8 +138,14 @@ class MapViews:
 
 
 def _short_layer(name: str) -> str:
-    """`down_blocks.0.attentions.0.transformer_blocks.0.attn2` -> `down_blocks.0.attentions.0`."""
-    return name.split(".transformer_blocks")[0]
+    """`down_blocks.0.attentions.1.transformer_blocks.0.attn2` -> `down 0 · attn 1` (short enough
+    for a slider's readout; `mid_block.attentions.0...` -> `mid · attn 0`)."""
+    import re
+
+    block = re.match(r"(down|up)_blocks\.(\d+)|mid_block", name)
+    attn = re.search(r"attentions\.(\d+)", name)
+    where = (f"{block.group(1)} {block.group(2)}" if block and block.group(1) else "mid") if block else name
+    return f"{where} · attn {attn.group(1)}" if attn else where
 
 
 def attention_figure(v: MapViews, t: int = 0, layer: int = 0, token: int = 0, size: float = 2.4):
@@ -220,7 +226,7 @@ def threshold_figure(soft: np.ndarray, valid: np.ndarray, tau: float, info: dict
     gmm_figure(soft[valid], info.get("threshold"), seed, chosen=tau, ax=axes[0], title="M̂ values")
     mask = threshold_mask(soft, valid, tau)
     score = iou(to_image(mask), ground_truth) if ground_truth is not None else None
-    axes[1].imshow(mask, cmap="gray", interpolation="nearest"), axes[1].axis("off")
+    show_mask(axes[1], mask), axes[1].axis("off")
     axes[1].set_title(f"mask at τ = {tau:.3f}" + (f"\nIoU {score:.3f}" if score is not None else ""),
                       fontsize=8)
     if ground_truth is not None:

@@ -93,3 +93,42 @@ def refinement_rows(cfg, best: int = 3, worst: int = 3) -> list[dict]:
     order = sorted(rows, key=lambda k: rows[k]["iou"])
     pick = order[::-1][:best] + order[:worst]
     return [{**rows[i], "label": f"{i} IoU {rows[i]['iou']:.2f}"} for i in pick]
+
+
+# ----------------------------------------------------------------------------- interpretation
+SAMPLE_SETTINGS = (("y_f", "$y_f$ plainly ($s = 1$)"), ("y_b", "$y_b$ plainly ($s = 0$)"),
+                   ("y_b_vs_y_f", "$y_b$ against $y_f$"))
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def object_free_report(shares: dict, prefix: str = "share_object_free_", contrast_guidance=None,
+                       who: str = "the presence score") -> str:
+    """Markdown: the share of object-free samples of m and m' per prompt setting (percent), and
+    whether the notebook's two claims held on these numbers, with the reason:
+    (1) fine-tuning makes plain y_b more object-free; (2) contrasting y_b against y_f (s = 1 − w < 0)
+    gives more object-free scenes than plain y_b with m'."""
+    get = lambda model, k: shares.get(f"{prefix}{model}_{k}")
+    s = None if contrast_guidance is None else 1 - float(contrast_guidance)
+    label = lambda k, text: text + (f" ($s = {s:g}$)" if k == "y_b_vs_y_f" and s is not None else "")
+    lines = ["| samples | $m$ | $m'$ |", "|---|---|---|"]
+    lines += [f"| {label(k, text)} | {_pct(get('base', k))} | {_pct(get('tuned', k))} |"
+              for k, text in SAMPLE_SETTINGS]
+    before, after, contrast = get("base", "y_b"), get("tuned", "y_b"), get("tuned", "y_b_vs_y_f")
+    out = ["\n".join(lines), ""]
+    if None in (before, after, contrast):
+        return "\n".join(out + [f"({who}: not all sample sets were scored)"])
+    held = after > before
+    out.append(f"*Fine-tuning makes plain $y_b$ object-free* (by {who}): **{'held' if held else 'did not hold'}**, "
+               f"{_pct(before)} before and {_pct(after)} after fine-tuning. " +
+               ("" if held else "The rectangles teach $y_b$ inside images that contain the object, so $y_b$ "
+                "alone does not rule the object out; it describes background *next to* an object."))
+    held2 = contrast > after
+    out.append(f"\n*Contrasting $y_b$ against $y_f$ removes the object*: **{'held' if held2 else 'did not hold'}**, "
+               f"{_pct(contrast)} object-free with the contrast against {_pct(after)} with plain $y_b$ ($m'$). " +
+               ("The contrast steers each step away from $y_f$, which is why the method samples backgrounds "
+                "this way (the paper's negative prompt)." if held2 else
+                "Here the contrast did not help: look at the samples above."))
+    return "\n".join(out)

@@ -1,6 +1,7 @@
 """Collect per-image views from a run folder for figures and the explorer."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from fgbg_utils.data.loader import load_dataset
@@ -73,3 +74,54 @@ def per_image_iou(cfg, ids: list[str], records=None) -> dict[str, float]:
             meter.update(row["M_pre"], row["ground truth"])
             out[i] = meter.result()["iou_per_image"]
     return out
+
+
+def _stage_files(cfg, stage: str) -> dict[str, str]:
+    """{file under the stage's folder: sha1 of its bytes}, without its stage.json record."""
+    import hashlib
+
+    from fgbg_utils.stages.registry import STAGE_NAMES
+
+    folder = Path(cfg.run_dir) / STAGE_NAMES[stage]
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file() and p.name != "stage.json"}
+
+
+def reuse_message(stage_name: str, before: dict, after: dict) -> str:
+    """What a stage call changed in its folder: files new or changed, and files kept as they were
+    (reused, or rewritten with the same bytes)."""
+    changed = [f for f, v in after.items() if before.get(f) != v]
+    kept = len(after) - len(changed)
+    if not changed:
+        return (f"stage {stage_name}: finished before with these parameters, data and code; its {kept} output "
+                f"files were reused and are unchanged (force = True recomputes them).")
+    return f"stage {stage_name}: {len(changed)} output files new or changed now, {kept} reused unchanged."
+
+
+@contextmanager
+def reuse_note(cfg, stage: str):
+    """Around a stage's `run`: afterwards, print what it computed and what it reused."""
+    from fgbg_utils.stages.registry import STAGE_NAMES
+
+    before = _stage_files(cfg, stage)
+    yield
+    print(reuse_message(STAGE_NAMES[stage], before, _stage_files(cfg, stage)))
+
+
+def run_log(cfg):
+    """A `log` for a stage's `run` that names files inside the run folder as RUN/… and other project
+    files relative to the project root: no machine paths in a notebook's output."""
+    from fgbg_utils.runs.params import PROJECT_ROOT
+
+    run = Path(cfg.run_dir)
+    prefixes = [(f"{p}/", "RUN/") for p in {str(run), str(run.resolve())}]
+    prefixes += [(f"{p}/", "") for p in {str(PROJECT_ROOT), str(PROJECT_ROOT.resolve())}]
+
+    def log(message: str) -> None:
+        for prefix, short in prefixes:
+            message = str(message).replace(prefix, short)
+        print(message)
+
+    return log

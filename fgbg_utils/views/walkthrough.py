@@ -55,6 +55,12 @@ def finetuned_folder(cfg) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- figures
+def show_mask(ax, mask: np.ndarray):
+    """A mask on `ax` in gray with a fixed scale, 0 black and 1 white: an all-True mask is white,
+    an empty one black (imshow's default scale would draw both black)."""
+    return ax.imshow(np.asarray(mask, np.float32), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+
+
 def _to_image_size(soft: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest upsampling of a latent-grid map to an image of `shape` (square canvas assumed)."""
     f = shape[0] // soft.shape[0]
@@ -82,7 +88,7 @@ def image_and_maps(image: np.ndarray, maps: dict[str, np.ndarray], ground_truth=
     axes[0].imshow(image), axes[0].set_title("image", fontsize=8), axes[0].axis("off")
     k = 1
     if ground_truth is not None:
-        axes[1].imshow(ground_truth, cmap="gray"), axes[1].set_title("ground truth", fontsize=8)
+        show_mask(axes[1], ground_truth), axes[1].set_title("ground truth", fontsize=8)
         axes[1].axis("off")
         k = 2
     for ax, (title, m) in zip(axes[k:], maps.items()):
@@ -136,7 +142,7 @@ def masks_figure(masks: dict[str, np.ndarray], image: np.ndarray | None = None, 
     panels += [(f"{k} ({int(np.sum(m))} px)", m) for k, m in masks.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size))
     for ax, (title, a) in zip(np.atleast_1d(axes), panels):
-        ax.imshow(a, cmap=None if a.ndim == 3 else "gray", interpolation="nearest")
+        ax.imshow(a, interpolation="nearest") if a.ndim == 3 else show_mask(ax, a)
         ax.set_title(title, fontsize=8), ax.axis("off")
     fig.tight_layout()
     return fig
@@ -158,7 +164,7 @@ def rectangles_figure(image: np.ndarray, m_pre: np.ndarray, draws: list[tuple], 
         top, left, bottom, right = box
         axes[0].add_patch(Rectangle((left * factor - 0.5, top * factor - 0.5), (right - left + 1) * factor,
                                     (bottom - top + 1) * factor, fill=False, ec=plt.cm.tab10(k % 10), lw=1.2))
-    axes[1].imshow(draws[0][0], cmap="gray", interpolation="nearest")
+    show_mask(axes[1], draws[0][0])
     axes[1].set_title(f"first training mask ({draws[0][1]}): box ∧ ¬M_pre", fontsize=8)
     for ax in axes:
         ax.axis("off")
@@ -205,10 +211,24 @@ def inpaint_trace(tuned, canvas: torch.Tensor, m_pre: np.ndarray, prompt_b: str,
     from fgbg_utils.core.synthesis import decode_latents
 
     keep = sorted({max(1, round(steps * k / show)) for k in range(1, show + 1)})
+    if getattr(tuned, "family", "sd") in ("sd3", "flux"):  # the flow loop of core/flow.py
+        from fgbg_utils.core import flow
+        kept = {}
+        grab = lambda i, z: kept.__setitem__(i, z.clone()) if i in keep else None  # noqa: E731
+        x_hat = flow.inpaint_background(tuned, canvas[None], m_pre[None], prompt_b, steps=steps,
+                                        seeds=[seed], on_step=grab)[0]
+        return x_hat, {k: decode_latents(tuned, z)[0] for k, z in sorted(kept.items())}
     rec = _StepRecorder(make_inpaint_pipeline(tuned), keep)
     x_hat = inpaint_background(tuned, canvas[None], m_pre[None], prompt_b, steps=steps, seeds=[seed],
                                batch_size=1, pipe=rec)[0]
     return x_hat, {k: decode_latents(tuned, z.to(tuned.device))[0] for k, z in sorted(rec.latents.items())}
+
+
+def decode(ldm, z: torch.Tensor) -> np.ndarray:
+    """D(z/κ) of one latent (1, C, h, h) as an (R, R, 3) image in [0, 1]."""
+    from fgbg_utils.core.synthesis import decode_latents
+
+    return decode_latents(ldm, z)[0]
 
 
 def back_to_image(arr: np.ndarray, frame, kind: str = "mask") -> np.ndarray:
