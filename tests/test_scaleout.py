@@ -1,6 +1,7 @@
 """Stages 01 and 04 under `accelerate launch --cpu --num_processes 2` (real subprocesses, gloo)
 give byte-identical outputs to one process; a sharded stage-01 run killed after its first group
 (launcher, relaunch and workers all stopped) resumes to identical outputs."""
+import json
 import os
 import shutil
 import signal
@@ -50,6 +51,10 @@ def files(root: Path, sub: str) -> dict:
             if p.suffix == ".npz":
                 with np.load(p) as z:
                     out[p.relative_to(root)] = {k: z[k] for k in z.files}
+            elif p.name == "stage.json":  # its output record: sizes and hashes, not the mtimes
+                info = json.loads(p.read_text())
+                info["outputs"] = {k: [size, digest] for k, (size, _, digest) in info.get("outputs", {}).items()}
+                out[p.relative_to(root)] = info
             else:
                 out[p.relative_to(root)] = p.read_bytes()
     return out
@@ -61,7 +66,9 @@ def assert_same(a: Path, b: Path, sub: str, at_least: int) -> None:
     assert len(fa) >= at_least
     for name, va in fa.items():
         vb = fb[name]
-        if isinstance(va, dict):
+        if name.name == "stage.json":
+            assert va == vb, f"{name} differs"
+        elif isinstance(va, dict):
             assert va.keys() == vb.keys(), name
             assert all(np.array_equal(va[k], vb[k]) for k in va), f"{name} differs"
         else:

@@ -362,12 +362,17 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None,
     If ``shape`` is given and differs, the mask is resized (nearest) with a warning.
     """
     mim = _open(path)
-    if image is not None:
-        with Image.open(path) as raw:
-            own = _orientation(raw)
-        mim = _orient_like_image(mim, own, Path(image))
-        shape = shape or image_size(image)
-    grey, top = _grey(mim)
+    try:
+        if image is not None:
+            with Image.open(path) as raw:
+                own = _orientation(raw)
+            mim = _orient_like_image(mim, own, Path(image))
+            shape = shape or image_size(image)
+        grey, top = _grey(mim)
+    except DatasetError:
+        raise
+    except _DECODE_ERRORS as e:  # e.g. a truncated file: named, not a bare OSError
+        raise _decode_error(Path(path), e) from e
     if grey.size and grey.max() == 1:
         top = 1.0
     mask = grey > top / 2.0

@@ -24,8 +24,9 @@ def dataset_root(cfg) -> Path:
     ds = cfg.dataset
     if ds.kind != "toy":
         if ds.root is None:
-            raise ValueError(f"`dataset.root` is not set; for dataset.kind={ds['kind']!r} set it to "
-                             f"your dataset folder in the params file.")
+            from fgbg_utils.data.datasets import DatasetError
+            raise DatasetError(f"`dataset.root` is not set; for dataset.kind={ds.kind!r} set it to "
+                               f"your dataset folder in the params file (or --set dataset.root=DIR).")
         return Path(ds.root)
     gen = toy_generator_params(cfg)
     key = hashlib.sha256(json.dumps(gen, sort_keys=True).encode()).hexdigest()[:16]
@@ -66,7 +67,58 @@ def dataset_identity(cfg) -> dict:
     root = dataset_root(cfg)
     h = hashlib.sha256()
     for r in records:
-        rel = Path(r.image).relative_to(root) if Path(r.image).is_relative_to(root) else Path(r.image).name
         size = Path(r.image).stat().st_size if Path(r.image).exists() else -1
-        h.update(f"{r.id}\t{r.split}\t{rel}\t{size}\n".encode())
-    return {"kind": ds.kind, "n_images": len(records), "listing": h.hexdigest()[:16]}
+        h.update(f"{r.id}\t{r.split}\t{_relative(r.image, root)}\t{size}\n".encode())
+    content = hashlib.sha256("".join(f"{k}\t{v}\n" for k, v in image_hashes(cfg, records).items())
+                             .encode()).hexdigest()[:16]
+    return {"kind": ds.kind, "n_images": len(records), "listing": h.hexdigest()[:16], "content": content}
+
+
+def _relative(path, root: Path) -> str:
+    path = Path(path)
+    return (path.relative_to(root) if path.is_relative_to(root) else Path(path.name)).as_posix()
+
+
+def _hash_cache(folder: Path) -> Path:
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return PROJECT_ROOT / ".cache" / "file-hashes" / f"{key}.json"
+
+
+def image_hashes(cfg, records=None) -> dict[str, str]:
+    """{image path relative to the dataset root: content hash} of the configured images (not the
+    toy world, which its parameters identify); computed once per file, cached by path, size and
+    mtime."""
+    from fgbg_utils.storage.hashes import cached_hashes
+
+    if cfg.dataset.kind == "toy":
+        return {}
+    root = dataset_root(cfg)
+    if records is None:
+        records = load_dataset(cfg, check=False)[0]
+    paths = [Path(r.image) for r in records if Path(r.image).is_file()]
+    hashes = cached_hashes(paths, _hash_cache(root))
+    return {_relative(p, root): h[:16] for p, h in sorted(hashes.items())}
+
+
+def changed_images(cfg, recorded: dict) -> list[str]:
+    """The images whose content (or presence) differs from `recorded` ({path: hash})."""
+    now = image_hashes(cfg)
+    return sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def model_identity(cfg) -> dict[str, str]:
+    """{'model:<weight file>': hash} of a local model (folder or single file); {} for a hub id
+    (its `model.revision` identifies it). Cached by path, size and mtime."""
+    from fgbg_utils.storage.hashes import cached_hashes
+
+    path = Path(cfg.model.path)
+    if not path.exists():
+        return {}
+    files = ([path] if path.is_file() else
+             sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()))
+    hashes = cached_hashes(files, _hash_cache(path))
+    base = path.parent if path.is_file() else path
+    return {f"model:{p.relative_to(base).as_posix()}": h[:12] for p, h in hashes.items()}

@@ -1,4 +1,6 @@
-"""Command line: `python -m fgbg_utils run|stage|study|predict|metrics|report|train-toy ...`."""
+"""Command line: `python -m fgbg_utils run|stage|study|predict|metrics|report|verify|train-toy ...`.
+Relative folders (run folders, --images, --out) are resolved against the project root, as
+`run_dir` in a parameter file is, and each command says which folder it uses."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +52,9 @@ def main(argv=None) -> int:
     m.add_argument("run_dir")
     rep = sub.add_parser("report", help="write DIR/report.html: the metrics table and the executed notebooks")
     rep.add_argument("run_dir")
+    ver = sub.add_parser("verify", help="check every output of a run folder against the hashes its "
+                         "stages recorded; exits 1 and lists the files that are missing or altered")
+    ver.add_argument("run_dir")
     t = sub.add_parser("train-toy", help="remake the shipped toy LDM: phase 1, phase 2 with EMA "
                        "snapshots, selection on the validation world (what notebook 00 runs)")
     t.add_argument("--model", choices=["ldm", "features"], default="ldm", help="ldm: the toy LDM; "
@@ -74,12 +79,20 @@ def main(argv=None) -> int:
                    help="pick the phase-2 snapshot with the best M_pre IoU on the validation world "
                    "(dataset.seed=100); --no-select-on-validation ships the last weights")
     args = ap.parse_args(argv)
+    if args.cmd == "verify":  # reads files only: no torch, no model
+        return verify(args.run_dir)
 
     from fgbg_utils.data.datasets import DatasetError
     from fgbg_utils.core.models import ModelError
-    from fgbg_utils.runs.params import ParamsError
-    from fgbg_utils.runs.run_folder import StageError
+    from fgbg_utils.runs.params import ParamsError, resolve_input, resolve_path
+    from fgbg_utils.storage import StageError
+    from fgbg_utils.storage.errors import storage_error
     from fgbg_utils.core.tokens import TokenError
+    for key in ("run_dir", "run", "out"):  # folders a run writes: under the project root
+        if getattr(args, key, None) and args.cmd in ("metrics", "report", "verify", "predict"):
+            setattr(args, key, resolve_path(getattr(args, key)))
+    if args.cmd == "predict":  # an input folder: the working directory, then the project root
+        args.images = resolve_input(args.images)
     try:
         if args.cmd == "run":
             from fgbg_utils.runs.runner import metrics_table, run
@@ -91,7 +104,9 @@ def main(argv=None) -> int:
             from fgbg_utils.stages.common import ensure_workers
             ensure_workers()  # accelerate's launcher on a machine without GPUs starts one process
             from fgbg_utils.stages.registry import stage_module
+            from fgbg_utils.runs.runner import check_model_folder
             cfg = load_params(args.params, args.sets, run_dir=args.out)
+            check_model_folder(cfg.model.path)
             stage_module(args.number).run(cfg, force=args.force)
             from accelerate import PartialState
             if PartialState().is_main_process:
@@ -100,6 +115,7 @@ def main(argv=None) -> int:
                 print(metrics_table(cfg.run_dir))
         elif args.cmd == "predict":
             from fgbg_utils.runs.predict import predict_folder
+            print(f"run folder: {args.run}; images: {args.images}; masks to: {args.out}")
             res = predict_folder(args.run, args.images, args.out, args.row, args.overlay,
                                  args.on_corrupt, args.device, args.batch_size)
             print(f"wrote {res['n_written']} mask(s) to {args.out}"
@@ -112,9 +128,11 @@ def main(argv=None) -> int:
             print((Path(args.out) / "study.md").read_text())
         elif args.cmd == "metrics":
             from fgbg_utils.runs.runner import metrics_table
+            print(f"run folder: {existing_run_dir(args.run_dir)}\n")
             print(metrics_table(args.run_dir))
         elif args.cmd == "report":
             from fgbg_utils.runs.report import write_report
+            existing_run_dir(args.run_dir)
             print(f"wrote {write_report(args.run_dir)}")
         elif args.cmd == "train-toy" and args.model == "features":
             from fgbg_utils.training.feature_net import train_feature_net
@@ -135,6 +153,16 @@ def main(argv=None) -> int:
     except (ParamsError, DatasetError, ModelError, StageError, TokenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run folder keeps every finished output; run the same command "
+              "again to resume.", file=sys.stderr)
+        return 130
+    except OSError as e:
+        err = storage_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except Exception as e:
         if type(e).__name__ != "PapermillExecutionError":
             raise
@@ -142,3 +170,29 @@ def main(argv=None) -> int:
               f"the run folder's notebooks/ shows the cell and the full traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def verify(run_dir: str) -> int:
+    """`verify DIR`: 0 when every recorded output matches, 1 when some do not, 2 without a run folder."""
+    from fgbg_utils.runs.params import resolve_path
+    from fgbg_utils.storage import StageError
+    from fgbg_utils.storage.verify import verify_run
+
+    try:
+        return 1 if verify_run(existing_run_dir(resolve_path(run_dir))) else 0
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def existing_run_dir(path: str):
+    """A run folder that must exist (metrics, report, verify)."""
+    from pathlib import Path
+
+    from fgbg_utils.storage import StageError
+
+    if not Path(path).is_dir():
+        raise StageError(f"run folder {path} does not exist; pass a folder made by `python -m "
+                         f"fgbg_utils run PARAMS.yaml --out DIR` (relative paths are read from the "
+                         f"project root).")
+    return Path(path)

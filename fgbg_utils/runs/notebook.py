@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from fgbg_utils.runs.params import PROJECT_ROOT, SCHEMA, ParamsError, load_params
-from fgbg_utils.runs.run_folder import StageError
+from fgbg_utils.storage import StageError
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
 
@@ -239,6 +239,7 @@ def notebook_config(namespace: dict, stage: str | None = None, quiet: bool = Tru
     library messages quietened, figures small, clear messages for missing inputs. `stage`
     ("01".."06") also checks that the stages it reads are complete, before any work: missing=
     "raise" stops with the notebooks to run first, "warn" prints them and goes on."""
+    die_with_run()
     if quiet:
         quiet_libraries()
     _set_figures()
@@ -263,6 +264,22 @@ def notebook_config(namespace: dict, stage: str | None = None, quiet: bool = Tru
         elif absent:
             raise NotebookError(run_first(absent, cfg), absent)
     return cfg
+
+
+def die_with_run() -> None:
+    """A kernel started by a headless run (it inherits the run's lock token) dies the moment the
+    process that started it dies: no notebook writes after its run is gone."""
+    import os
+
+    from fgbg_utils.storage import LOCK_ENV
+    from fgbg_utils.storage.lifetime import die_with_parent
+
+    parent = os.environ.get("JPY_PARENT_PID")
+    if os.environ.get(LOCK_ENV) and parent and parent.isdigit() and int(parent) == os.getppid():
+        die_with_parent(parent=int(parent))
+        # a Ctrl-C of the run stops this kernel mid-cell: the run says so in one line, the
+        # kernel's own log (its console is the run's) would add a traceback
+        logging.getLogger("IPKernelApp").setLevel(logging.CRITICAL)
 
 
 def _set_figures() -> None:

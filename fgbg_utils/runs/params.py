@@ -234,6 +234,29 @@ def _check(cfg: Config, source: str) -> None:
         if not _has_word(cfg.resolved_prompt, word):
             raise ParamsError(f"{source}: `parts` word {word!r} is not in the prompt "
                               f"{cfg.resolved_prompt!r}. Add it to `prompt` or remove it from `parts`.")
+    _check_work(cfg, source)
+
+
+def _check_work(cfg: Config, source: str) -> None:
+    """Values that would stop a run after work has started: no splits, no steps, no dataset folder."""
+    ds = cfg.dataset
+    if not ds.splits:
+        raise ParamsError(f"{source}: `dataset.splits` is empty; list the splits the stages process, "
+                          f"e.g. [train, test].")
+    if len(set(ds.splits)) != len(ds.splits):
+        raise ParamsError(f"{source}: `dataset.splits`={ds.splits} names a split twice.")
+    if ds.kind != "toy" and not ds.root:
+        raise ParamsError(f"{source}: `dataset.kind` is {ds.kind} but `dataset.root` is not set; set "
+                          f"it to your dataset folder (--set dataset.root=DIR).")
+    if ds.kind == "toy" and ds.n_train + ds.n_test < 1:
+        raise ParamsError(f"{source}: `dataset.n_train` and `dataset.n_test` are both 0; the toy "
+                          f"world needs images.")
+    if ds.limit is not None and ds.limit < 1:
+        raise ParamsError(f"{source}: `dataset.limit` is {ds.limit}; use a number >= 1 or null.")
+    steps = cfg.finetune.max_train_steps
+    if steps is not None and steps < 1:
+        raise ParamsError(f"{source}: `finetune.max_train_steps` is {steps}; stage 03 needs a "
+                          f"positive number of optimizer steps (params/toy.yaml uses 1500).")
 
 
 def resolved_prompt(cfg: Config, prompt: str | None = None) -> str:
@@ -285,6 +308,14 @@ def resolve_path(value: str | None, base: Path = PROJECT_ROOT) -> str | None:
         return None
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_input(value: str) -> str:
+    """An input path as the parameter file's: the working directory, then the project root."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists() or not (PROJECT_ROOT / p).exists():
+        return str(p.resolve())
+    return str((PROJECT_ROOT / p).resolve())
 
 
 def relative_to_project(value: str | None) -> str | None:

@@ -121,7 +121,14 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, row
 
     if on_corrupt not in ("skip", "error"):
         raise PredictError(f"on_corrupt must be skip or error, got {on_corrupt!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise PredictError(f"--batch-size {batch_size!r}: use a whole number >= 1 (or leave it out "
+                           f"for the network's own batch size).")
     folder, out = Path(images), Path(out)
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"--out {str(out)!r} is a file; pass a folder for the masks (new or "
+                           f"existing).")
     if out.resolve() == folder.resolve():
         raise PredictError(f"--out {str(out)!r} is the images folder; masks would replace the "
                            f"images. Pass another output folder.")

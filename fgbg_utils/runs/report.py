@@ -18,7 +18,7 @@ from nbconvert import HTMLExporter
 from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
 
 from fgbg_utils.io import atomic_write_text
-from fgbg_utils.runs.run_folder import StageError
+from fgbg_utils.storage import StageError
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
 
 PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm bar: " 40%|████      | 4/10 [00:01<...]"
@@ -115,8 +115,14 @@ def notebook_body(path: Path) -> tuple[str, str]:
     """(the exporter's <style> blocks, the <body> content) of one executed notebook, scripts removed."""
     import nbformat
 
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+    except Exception as e:  # noqa: BLE001  (truncated by a full disk, hand-edited...): flag, go on
+        return "", (f"<p style='color:#a00'><b>{html.escape(path.name)} is damaged and is not "
+                    f"shown</b> ({html.escape(type(e).__name__)}: {html.escape(str(e)[:200])}). "
+                    f"Rerunning its stage rewrites it.</p>")
     exporter = OfflineHTMLExporter(template_name="classic")
-    page, _ = exporter.from_notebook_node(static_notebook(nbformat.read(str(path), as_version=4)))
+    page, _ = exporter.from_notebook_node(static_notebook(nb))
     head = page[:page.find("</head>")] if "</head>" in page else ""
     start, end = page.find("<body"), page.rfind("</body>")
     body = page[page.find(">", start) + 1:end] if start >= 0 and end > 0 else page

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import subprocess
 import time
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 from fgbg_utils.io import atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import run_lock
+from fgbg_utils.storage import run_lock
+from fgbg_utils.storage.errors import storage_error
+from fgbg_utils.storage.lifetime import pool_worker_init
+from fgbg_utils.storage.lock import make_folder
+from fgbg_utils.storage.manifest import Manifest, now, read_manifest
 from fgbg_utils.runs.notebook import notebook_parameters, portable, relative
 from fgbg_utils.runs.params import PROJECT_ROOT, ParamsError, load_params, save_params
 from fgbg_utils.stages.registry import STAGE_NAMES as STAGES
@@ -53,10 +57,6 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def preflight(cfg, stages=()) -> None:
     """Cheap checks before any notebook runs: dataset present, object word known to the model, an
     evaluation split with images when stage 06 is to run."""
@@ -66,6 +66,7 @@ def preflight(cfg, stages=()) -> None:
     from fgbg_utils.core.tokens import prompt_positions
 
     records, _ = load_dataset(cfg, check=False)  # lists files (stage 01 decodes them); makes the toy world
+    check_model_folder(cfg.model.path)
     try:
         from fgbg_utils.core.single_file import is_single_file
         source = cfg.model.config if is_single_file(cfg.model.path) and cfg.model.config else cfg.model.path
@@ -74,6 +75,18 @@ def preflight(cfg, stages=()) -> None:
         raise ModelError(f"`model.path`={cfg.model.path!r}: no tokenizer could be loaded "
                          f"({str(e).splitlines()[0]}). Use a diffusers folder or hub id.") from None
     prompt_positions(tok, resolved_prompt(cfg), [cfg.object, *cfg.parts])
+    trains = [s for s in ("03", "06") if s in stages]
+    if trains and not any(r.split == "train" for r in records):
+        raise ParamsError(f"stage(s) {', '.join(trains)} train on the `train` split, which has no "
+                          f"images (dataset.splits={cfg.dataset.splits}"
+                          + (f", dataset.n_train={cfg.dataset.n_train}" if cfg.dataset.kind == "toy" else "")
+                          + "). Give the dataset training images, or run --stages without them.")
+    if "03" in stages:
+        from fgbg_utils.stages.finetuning import finetune_config
+        try:
+            finetune_config(cfg)
+        except (TypeError, ValueError) as e:
+            raise ParamsError(f"the `finetune` section cannot run stage 03: {e}") from None
     split = cfg.evaluation.split
     if "06" in stages and not any(r.split == split for r in records):
         raise ParamsError(f"stage 06 evaluates on `evaluation.split`={split!r}, which has no images "
@@ -81,10 +94,27 @@ def preflight(cfg, stages=()) -> None:
                           f"give the dataset {split} images, or run --stages without 06.")
 
 
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_model_folder(path: str) -> None:
+    """A local diffusers folder holds every component the method loads; name the missing one."""
+    from fgbg_utils.core.models import ModelError
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    missing = [c for c in MODEL_COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise ModelError(f"`model.path`={path} has no {', '.join(m + '/' for m in missing)} "
+                         f"folder: a diffusers model folder holds {', '.join(c + '/' for c in MODEL_COMPONENTS)}. "
+                         f"Copy the missing component(s) from the same model, or save the whole "
+                         f"pipeline with save_pretrained.")
+
+
 def resolve_jobs(cfg, jobs: int | str | None) -> int:
     """Worker processes of a run: `auto` is 2 on a CPU with 2 or more cores, 1 on a GPU (its
     stages batch onto the device instead)."""
-    import os
 
     from fgbg_utils.training.segnet import resolve_device
 
@@ -117,7 +147,10 @@ def ipc_kernel(kernel_name: str = "python3"):
 
 
 def execute_notebook(name: str, parameters: dict, run_dir: str) -> float:
-    """One stage notebook, executed with papermill into DIR/notebooks/; returns its seconds."""
+    """One stage notebook, executed with papermill into DIR/notebooks/; returns its seconds.
+    Papermill writes a hidden partial copy (.NAME.partial.ipynb), renamed into place once whole: a
+    failed execution never replaces a finished stage's notebook (it goes to NAME.failed.ipynb
+    then), and a full disk leaves no truncated notebook."""
     import logging
 
     import papermill as pm
@@ -126,12 +159,61 @@ def execute_notebook(name: str, parameters: dict, run_dir: str) -> float:
 
     # every parameter is passed; the notebooks name only four in their parameters cell
     drop(logging.getLogger("papermill"), "Passed unknown parameter")
+    nb_dir = Path(run_dir) / "notebooks"
+    final, partial = nb_dir / f"{name}.ipynb", nb_dir / f".{name}.partial.ipynb"
     t0 = time.time()
-    with ipc_kernel() as km:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(Path(run_dir) / "notebooks" / f"{name}.ipynb"),
-                            parameters=parameters, cwd=str(NOTEBOOKS), progress_bar=False,
-                            request_save_on_cell_execute=True, km=km)
+    try:
+        with ipc_kernel() as km:
+            pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
+                                cwd=str(NOTEBOOKS), progress_bar=False,
+                                request_save_on_cell_execute=True, km=km)
+    except BaseException as e:
+        _keep_failed(partial, final)
+        if isinstance(e, OSError) and (err := storage_error(e, nb_dir)) is not None:
+            raise err from None
+        raise
+    os.replace(partial, final)
+    (nb_dir / f"{name}.failed.ipynb").unlink(missing_ok=True)
     return time.time() - t0
+
+
+def _finished_notebook(path: Path) -> bool:
+    """An executed notebook that papermill finished without an error."""
+    try:
+        meta = json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
+    except (OSError, ValueError):
+        return False
+    return not meta.get("exception") and meta.get("end_time") is not None
+
+
+def _keep_failed(partial: Path, final: Path) -> None:
+    """Where a failed execution goes: in place of the notebook, unless that one is finished (then
+    NAME.failed.ipynb beside it)."""
+    if not partial.exists():
+        return
+    try:
+        json.loads(partial.read_text())
+    except (OSError, ValueError):  # cut short (e.g. a full disk): nothing to show
+        partial.unlink(missing_ok=True)
+        return
+    os.replace(partial, final.with_suffix(".failed.ipynb") if _finished_notebook(final) else final)
+
+
+def check_start(cfg, order: list[str], force: bool) -> None:
+    """Everything that would refuse the run, before anything is written: a stage to run whose
+    folder holds outputs of other parameters or data (unless forced), and the stages the run
+    reads but does not run (missing, unfinished or stale)."""
+    from fgbg_utils.runs.notebook import needs
+    from fgbg_utils.stages.evaluation import stage_inputs
+    from fgbg_utils.storage import check_inputs, refuse_other_params
+
+    keys = [k for k in order if k != "00"]
+    if not force:
+        for k in keys:
+            refuse_other_params(cfg, k, stage_inputs(cfg) if k == "06" else None)
+    outside = sorted({n for k in keys for n in needs(cfg, k) if n not in keys})
+    if outside:
+        check_inputs(cfg, outside, f"run --stages {','.join(keys)}")
 
 
 def run(params_file: str, sets=(), stages: str | None = None, out: str | None = None,
@@ -146,73 +228,71 @@ def run(params_file: str, sets=(), stages: str | None = None, out: str | None = 
     if any(s != "00" for s in order):
         preflight(cfg, order)
     run_dir = Path(cfg.run_dir)
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    save_params(portable(cfg), run_dir / "params.yaml")
+    log(f"[fgbg] run folder: {run_dir}")
     with run_lock(run_dir):  # kernels inherit the lock token: their stages re-enter it
+        check_start(cfg, order, force)  # a refused run writes nothing
+        make_folder(run_dir / "notebooks")
+        save_params(portable(cfg), run_dir / "params.yaml")
         manifest_path = run_dir / "manifest.json"
-        manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
+        manifest = read_manifest(run_dir)
         manifest.update({
             "params_file": relative(params_file), "overrides": list(sets), "params": portable(cfg),
             "seeds": {"seed": cfg.seed, "dataset.seed": cfg.dataset.seed,
                       "binarization.gmm_seed": cfg.binarization.gmm_seed},
-            "versions": package_versions(), "git": git_state(), "force": force, "started": _now()})
+            "versions": package_versions(), "git": git_state(), "force": force, "started": now()})
+        manifest.pop("interrupted", None)
         atomic_write_json(manifest_path, manifest)
         manifest.pop("jobs", None)
-        book = _Book(run_dir, manifest, log)
-        if "00" in order:
-            _execute_in_order(["00"], {}, book)
-        stage_keys = [k for k in order if k != "00"]
-        if workers > 1 and stage_keys:
-            stage_keys = _execute_parallel(cfg, stage_keys, params_file, workers, force, book)
-        _execute_in_order(stage_keys, notebook_parameters(cfg, params_file, force=force), book)
+        book = Manifest(run_dir, manifest, log)
+        try:
+            if "00" in order:
+                _execute_in_order(["00"], {}, book)
+            stage_keys = [k for k in order if k != "00"]
+            if workers > 1 and stage_keys:
+                stage_keys = _execute_parallel(cfg, stage_keys, params_file, workers, force, book)
+            _execute_in_order(stage_keys, notebook_parameters(cfg, params_file, force=force), book)
+        except KeyboardInterrupt:
+            book.interrupted()
+            raise
+    log_skipped(run_dir, log)
     return run_dir
 
 
-class _Book:
-    """The manifest's record of each stage notebook (status, start, seconds) and the log lines."""
-
-    def __init__(self, run_dir: Path, manifest: dict, log):
-        self.run_dir, self.manifest, self.log = run_dir, manifest, log
-
-    def save(self) -> None:
-        self.manifest["stages"] = dict(sorted(self.manifest["stages"].items()))  # stage order
-        atomic_write_json(self.run_dir / "manifest.json", self.manifest)
-
-    def start(self, name: str) -> None:
-        self.log(f"[fgbg] stage {name} ...")
-        self.manifest["stages"][name] = {"status": "running", "started": _now()}
-        self.save()
-
-    def finish(self, name: str, seconds: float, error: BaseException | None = None) -> None:
-        self.manifest["stages"][name].update(status="failed" if error else "done", seconds=round(seconds, 1))
-        if not error:
-            self.manifest["finished"] = _now()
-        self.save()
-        self.log(f"[fgbg] stage {name} failed; see {self.run_dir / 'notebooks' / (name + '.ipynb')}"
-                 if error else f"[fgbg] stage {name} done in {seconds:.0f} s")
+def log_skipped(run_dir: Path, log=print) -> None:
+    """Name the images stage 01 skipped as unreadable (the jobs' output does not show them)."""
+    path = run_dir / STAGES["01"] / "summary.json"
+    try:
+        skipped = read_json(path).get("skipped_images", []) if path.exists() else []
+    except ValueError:
+        return
+    if skipped:
+        log(f"[fgbg] skipped {len(skipped)} unreadable image(s) (dataset.on_corrupt: skip): "
+            + "; ".join(f"{p} ({why})" for p, why in skipped[:20])
+            + (f"; … (all in {path})" if len(skipped) > 20 else ""))
 
 
-def _execute_in_order(keys, parameters: dict, book: _Book) -> None:
+def _execute_in_order(keys, parameters: dict, book: Manifest) -> None:
     """The notebooks of `keys`, one after the other; the first failure is raised."""
     for name in (STAGES[k] for k in keys):
         book.start(name)
         t0 = time.time()
         try:
             execute_notebook(name, parameters, str(book.run_dir))
+        except KeyboardInterrupt:
+            raise
         except Exception as e:
             book.finish(name, time.time() - t0, e)
             raise
         book.finish(name, time.time() - t0)
 
 
-def _execute_parallel(cfg, keys, params_file, workers: int, force: bool, book: _Book) -> list[str]:
+def _execute_parallel(cfg, keys, params_file, workers: int, force: bool, book: Manifest) -> list[str]:
     """The stages' work as jobs on `workers` processes (runs/schedule.py). Each stage's notebook
     is executed as soon as its work is done, at the lowest CPU priority: it fills cores the jobs
     leave idle and then only reads finished outputs. Returns the stages left for the notebooks to
     compute in order: none, or after a failed job those not shown yet (they resume the work and
     show the failure)."""
     import multiprocessing as mp
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
     from fgbg_utils.runs.schedule import precompute
@@ -221,8 +301,8 @@ def _execute_parallel(cfg, keys, params_file, workers: int, force: bool, book: _
     shown: dict = {}
     left: list[str] = []
     t0 = time.time()
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=os.nice,
-                             initargs=(19,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                             initializer=pool_worker_init, initargs=(os.getpid(), 19)) as pool:
         def show(number: str) -> None:
             book.start(STAGES[number])
             shown[STAGES[number]] = pool.submit(execute_notebook, STAGES[number], params, str(book.run_dir))

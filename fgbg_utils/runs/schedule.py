@@ -11,12 +11,14 @@ Jobs start by longest remaining path (the rough costs below only order them)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
 
-from fgbg_utils.runs.run_folder import run_lock
+from fgbg_utils.storage import run_lock
+from fgbg_utils.storage.lifetime import pool_worker_init
 from fgbg_utils.stages.registry import STAGES
 
 
@@ -88,7 +90,7 @@ def run_job(name: str, cfg, force: bool) -> float:
 
 def pending_stages(cfg, stages, force: bool) -> list[str]:
     """The stages of `stages` whose outputs are not finished for this config and code."""
-    from fgbg_utils.runs.run_folder import stage_problem
+    from fgbg_utils.storage import stage_problem
 
     stale = [n for n in stages if force or stage_problem(cfg, n) is not None]
     return [n for n in stages if stale and n >= min(stale)]  # downstream of a stale stage: rerun
@@ -120,7 +122,9 @@ def precompute(cfg, stages, workers: int, force: bool = False, log=print,
         return {}
     log(f"[fgbg] {len(jobs)} jobs on {workers} single-thread workers: {', '.join(j.name for j in todo)}")
     # the workers inherit the lock's token: their stages re-enter it
-    with run_lock(cfg.run_dir), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with run_lock(cfg.run_dir), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                                    initializer=pool_worker_init,
+                                                    initargs=(os.getpid(),)) as pool:
         while (todo and error is None) or running:
             for job in [j for j in todo if all(n in done for n in j.needs)] if error is None else []:
                 if len(running) >= workers:

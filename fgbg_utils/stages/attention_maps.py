@@ -16,7 +16,7 @@ from fgbg_utils.core.frame import Frame
 from fgbg_utils.data.datasets import CorruptImageError, DatasetError, image_size, load_image
 from fgbg_utils.data.loader import load_dataset
 from fgbg_utils.io import atomic_save_npz, atomic_write_json
-from fgbg_utils.runs.run_folder import locked_stage, update_stage
+from fgbg_utils.storage import locked_stage, update_stage
 from fgbg_utils.stages.common import Shards, groups, load_pipeline, open_sharded
 
 STAGE = "01_attention_maps"
@@ -116,6 +116,11 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None, part: tuple[
     if not shards.is_main:
         return {}
     done = [r for r in records if map_path(cfg, r.id).exists()]
+    if not done:  # a stage 01 of no image is not finished: nothing downstream can use it
+        listed = "; ".join(f"{p} ({why})" for p, why in sorted(set(map(tuple, bad_all)))[:10])
+        raise DatasetError(f"no image of the dataset could be read ({len(records)} listed"
+                           + (f"; unreadable: {listed}" if listed else "") + "). Replace the "
+                           "damaged files or point dataset.root at a folder of readable images.")
     positions = families.prompt_positions(ldm, cfg.resolved_prompt, words)
     summary = {"prompt": cfg.resolved_prompt, "token_positions": positions,
                "token_pieces": {w: d["tokens"] for w, d in info.items()},

@@ -13,7 +13,7 @@ from fgbg_utils.stages.common import processed_records
 from fgbg_utils.data.datasets import load_mask
 from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.io import atomic_save_png, atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import locked_stage, metrics_path, open_stage, update_stage
+from fgbg_utils.storage import locked_stage, metrics_path, open_stage, update_stage
 from fgbg_utils.stages.attention_maps import STAGE as STAGE01, load_map
 
 STAGE = "02_binarization"

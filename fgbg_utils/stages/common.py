@@ -41,7 +41,7 @@ def requested_processes() -> int:
         return 1
     if any(k in env for k in DISTRIBUTED_ENV):
         return 1
-    from fgbg_utils.runs.run_folder import StageError
+    from fgbg_utils.storage import StageError
 
     args = _launcher_args()
     if args is None:
@@ -98,14 +98,10 @@ def relaunch(n: int) -> int:
 def die_with_parent() -> None:
     """Linux: SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG), so a killed launch
     leaves no worker writing into the run folder (torchrun starts workers in their own sessions)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
     import signal
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+    from fgbg_utils.storage.lifetime import die_with_parent as pdeathsig
+    pdeathsig(signal.SIGTERM)
 
 
 def ensure_workers() -> None:
@@ -187,7 +183,7 @@ class Shards:
     def on_main(self, fn):
         """fn() on the main process only; its value, or its failure, on every process (so that
         no process waits for an answer that never comes)."""
-        from fgbg_utils.runs.run_folder import StageError
+        from fgbg_utils.storage import StageError
 
         answer = None
         if self.is_main:
@@ -209,7 +205,7 @@ class Shards:
 
 def open_sharded(cfg, number: str, force: bool, shards: Shards, **kw):
     """`open_stage` on the main process, its answer (or its refusal) on every process."""
-    from fgbg_utils.runs.run_folder import open_stage
+    from fgbg_utils.storage import open_stage
 
     d, recompute = shards.on_main(lambda: open_stage(cfg, number, force, **kw))
     return Path(d), recompute

@@ -16,7 +16,7 @@ from fgbg_utils.data.datasets import load_ground_truth, load_image
 from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.data.lazy import LazySequence
 from fgbg_utils.io import atomic_save_png, atomic_save_safetensors, atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import (StageError, check_inputs, expected, fingerprint, locked_stage,
+from fgbg_utils.storage import (StageError, check_inputs, expected, fingerprint, locked_stage,
                                         metrics_path, open_stage, refuse_other_params, stage_dir,
                                         update_stage)
 from fgbg_utils.training.config import SegSettings

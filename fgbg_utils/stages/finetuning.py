@@ -15,8 +15,8 @@ from fgbg_utils.training.finetune import FinetuneConfig, train
 from fgbg_utils.core.frame import image_to_canvas
 from fgbg_utils.runs.params import resolved_prompt
 from fgbg_utils.core import seeds
-from fgbg_utils.io import atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import locked_stage, metrics_path, update_stage
+from fgbg_utils.io import atomic_save_npz, atomic_write_json, read_json
+from fgbg_utils.storage import locked_stage, metrics_path, update_stage
 from fgbg_utils.stages.binarization import load_mpre
 
 STAGE = "03_finetuning"
@@ -110,7 +110,7 @@ def evaluate_samples(cfg, base, items, out: Path) -> dict:
     samples = {f"{who}_{name}": sample_images(model, p, seed_list, fc.eval_steps, s, neg)
                for who, model in (("base", base), ("tuned", tuned))
                for name, (p, neg, s) in settings.items()}
-    np.savez_compressed(out / "samples.npz", **{k: (v * 255).round().astype(np.uint8) for k, v in samples.items()})
+    atomic_save_npz(out / "samples.npz", **{k: (v * 255).round().astype(np.uint8) for k, v in samples.items()})
     real = np.stack([(c.transpose(1, 2, 0) + 1) / 2 for c, _, _ in items]).astype(np.float32)
     score = lambda x: presence_scores(base, x, y_f, words, cfg.T0, cfg.seed,
                                       cfg.attention.grid_steps, cfg.attention.batch_rows)

@@ -14,7 +14,7 @@ from fgbg_utils.core.frame import canvas_to_original
 from fgbg_utils.core.pipeline import PreliminaryMasks, Refinement
 from fgbg_utils.data.datasets import load_image, load_mask
 from fgbg_utils.io import atomic_save_png, atomic_write_json, read_json
-from fgbg_utils.runs.run_folder import locked_stage, metrics_path, update_stage
+from fgbg_utils.storage import locked_stage, metrics_path, update_stage
 from fgbg_utils.stages.common import Shards, groups, load_pipeline, open_sharded, processed_records
 from fgbg_utils.stages.attention_maps import STAGE as STAGE01
 from fgbg_utils.stages.binarization import load_mpre

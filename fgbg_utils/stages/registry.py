@@ -9,8 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]
-# orchestration and views do not change what a stage computes
-NOT_METHOD = ("runs", "views")
+# orchestration, storage and views do not change what a stage computes
+NOT_METHOD = ("runs", "views", "storage")
 
 
 @dataclass(frozen=True)

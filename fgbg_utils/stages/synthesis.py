@@ -23,7 +23,7 @@ import numpy as np
 from fgbg_utils.core import seeds
 from fgbg_utils.io import atomic_save_npz, atomic_save_png, atomic_write_json, atomic_write_text
 from fgbg_utils.runs.params import resolved_prompt
-from fgbg_utils.runs.run_folder import StageError, locked_stage, metrics_path, update_stage
+from fgbg_utils.storage import StageError, locked_stage, metrics_path, update_stage
 from fgbg_utils.stages.common import Shards, groups, load_pipeline, open_sharded
 
 STAGE = "05_synthesis"

@@ -363,11 +363,15 @@ def train_many(jobs: dict, cfg: SegConfig, workers: int, log: Callable[[str], No
     """{name: (images, masks)} -> {name: (model, curve)}, each network in its own single-thread
     process, `workers` at a time (the results do not depend on `workers`)."""
     import multiprocessing as mp
+    import os
     from concurrent.futures import ProcessPoolExecutor
+
+    from fgbg_utils.storage.lifetime import pool_worker_init
 
     prepared = {name: prepare_training_data(im, m, cfg.size) for name, (im, m) in jobs.items()}
     out = {}
-    with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"),
+                             initializer=pool_worker_init, initargs=(os.getpid(),)) as pool:
         futures = {name: pool.submit(_train_in_worker, data, cfg.model_dump())
                    for name, data in prepared.items()}
         for name, fut in futures.items():
