@@ -50,7 +50,7 @@ def rows_figure(study: dict):
     ax.set_xlabel("foreground IoU (%)")
     ax.set_xlim(0, 100)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     ax.set_title(f"Table 2 over {len(study['worlds'])} worlds × {len(study['unet_seeds'])} U-Net seeds")
     fig.tight_layout()
     return fig
