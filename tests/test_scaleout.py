@@ -129,6 +129,7 @@ def test_stage01_killed_sharded_run_resumes_to_same_bits(single, tmp_path):
     res = launch("01", out)
     summary = read_json(out / "01_attention_maps" / "summary.json")
     assert summary["processes"] == 2, "accelerate ran one process: the relaunch did not happen"
-    assert "[2/2]" in res.stderr  # the second process's progress bar
+    # a sharded process's progress bar (a shard with nothing left to compute shows none)
+    assert "[1/2]" in res.stderr or "[2/2]" in res.stderr
     assert summary["n_images"] == 8 and summary["n_computed"] < 8  # resumed, not recomputed
     assert_same(single[0], out, "01_attention_maps/maps", 8)
