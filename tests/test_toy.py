@@ -140,3 +140,27 @@ def test_shipped_training_info_records_the_generators():
     assert info["phases"]["1"]["generator_version"] == 1  # objects fully inside (git 740eed4)
     assert info["phases"]["2"]["generator_version"] == 2  # border-crossing objects
     assert info["selection"]["selected_step"] == 4320
+
+
+def test_novel_backgrounds_are_kinds_the_toy_ldm_never_saw(tmp_path):
+    """dataset.backgrounds=novel draws only NOVEL_BACKGROUNDS (never the corpus kinds of the toy
+    LDM), keeps the objects and masks of the generator, and corpus worlds keep their cache key."""
+    from fgbg_utils import load_params
+    from fgbg_utils.data.loader import dataset_root, toy_generator_params
+
+    assert not set(toy.NOVEL_BACKGROUNDS) & set(toy.BACKGROUNDS)
+    im, masks, caps, metas = toy.generate_arrays(24, 3, 32, 0.0, "novel")
+    assert {m["background"] for m in metas} == set(toy.NOVEL_BACKGROUNDS)
+    assert all(m.any() for m in masks) and all(toy.CONCEPT in c or m["kind"] in c for c, m in zip(caps, metas))
+    corpus = toy.generate_arrays(24, 3, 32, 0.0)[3]
+    assert {m["background"] for m in corpus} <= set(toy.BACKGROUNDS)
+    with pytest.raises(ValueError, match="dataset.backgrounds"):
+        toy.generate_arrays(2, 3, 32, 0.0, "unseen")
+    base = {"dataset.n_train": 2, "dataset.n_test": 1, "dataset.image_size": 32}
+    cfg = load_params(None, base, run_dir=str(tmp_path / "r"))
+    novel = load_params(None, {**base, "dataset.backgrounds": "novel"}, run_dir=str(tmp_path / "r"))
+    assert "backgrounds" not in toy_generator_params(cfg)
+    assert toy_generator_params(novel)["backgrounds"] == "novel"
+    cfg.dataset.root, novel.dataset.root = str(tmp_path / "a"), str(tmp_path / "b")
+    a, b = dataset_root(cfg), dataset_root(novel)
+    assert (a / "images" / "00000.png").read_bytes() != (b / "images" / "00000.png").read_bytes()

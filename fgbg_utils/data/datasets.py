@@ -430,13 +430,16 @@ def check_images(records: list[Record], on_corrupt: str = "skip"
 
 
 # ----------------------------------------------------------------------------- toy writer
-def _toy_params(n_train, n_test, seed, image_size, background_fraction) -> dict:
+def _toy_params(n_train, n_test, seed, image_size, background_fraction, backgrounds="corpus") -> dict:
     from fgbg_utils.data.toy import GENERATOR_VERSION
 
-    return {"generator": "fgbg_utils.data.toy.generate_arrays", "version": GENERATOR_VERSION,
-            "n_train": int(n_train),
-            "n_test": int(n_test), "seed": int(seed), "image_size": int(image_size),
-            "background_fraction": float(background_fraction)}
+    out = {"generator": "fgbg_utils.data.toy.generate_arrays", "version": GENERATOR_VERSION,
+           "n_train": int(n_train),
+           "n_test": int(n_test), "seed": int(seed), "image_size": int(image_size),
+           "background_fraction": float(background_fraction)}
+    if backgrounds != "corpus":  # corpus worlds keep the keys they had before the option
+        out["backgrounds"] = backgrounds
+    return out
 
 
 def _existing_params(root: Path) -> dict | None:
@@ -462,7 +465,8 @@ def _write_toy_files(tmp: Path, params: dict) -> None:
 
     n_train, n = params["n_train"], params["n_train"] + params["n_test"]
     images, masks, captions, metas = toy.generate_arrays(
-        n, params["seed"], params["image_size"], params["background_fraction"])
+        n, params["seed"], params["image_size"], params["background_fraction"],
+        params.get("backgrounds", "corpus"))
     (tmp / "images").mkdir(parents=True)
     (tmp / "masks").mkdir()
     entries = []
@@ -481,13 +485,14 @@ def _write_toy_files(tmp: Path, params: dict) -> None:
 
 
 def write_toy_dataset(root: str | Path, n_train: int, n_test: int, seed: int,
-                      image_size: int = 64, background_fraction: float = 0.0) -> Path:
+                      image_size: int = 64, background_fraction: float = 0.0,
+                      backgrounds: str = "corpus") -> Path:
     """Write the toy shapes dataset in the folder layout (atomic; cached on equal params)."""
     root = Path(root)
     if n_train < 0 or n_test < 0 or n_train + n_test < 1:
         raise DatasetError(f"toy dataset needs n_train, n_test >= 0 and at least one image, "
                            f"got n_train={n_train}, n_test={n_test}; fix the toy params")
-    params = _toy_params(n_train, n_test, seed, image_size, background_fraction)
+    params = _toy_params(n_train, n_test, seed, image_size, background_fraction, backgrounds)
     if _check_existing(root, params):
         return root
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")

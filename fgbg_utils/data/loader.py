@@ -13,8 +13,11 @@ def toy_generator_params(cfg) -> dict:
     from fgbg_utils.data.toy import GENERATOR_VERSION
 
     ds = cfg.dataset
-    return {**{k: getattr(ds, k) for k in ("seed", "n_train", "n_test", "image_size", "background_fraction")},
-            "generator_version": GENERATOR_VERSION}
+    out = {**{k: getattr(ds, k) for k in ("seed", "n_train", "n_test", "image_size", "background_fraction")},
+           "generator_version": GENERATOR_VERSION}
+    if ds.backgrounds != "corpus":  # corpus worlds keep the cache keys they had before the option
+        out["backgrounds"] = ds.backgrounds
+    return out
 
 
 def dataset_root(cfg) -> Path:
@@ -32,7 +35,7 @@ def dataset_root(cfg) -> Path:
     key = hashlib.sha256(json.dumps(gen, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(ds.root) if ds.root else PROJECT_ROOT / ".cache" / "toy-datasets" / f"toy-{key}"
     return write_toy_dataset(root, gen["n_train"], gen["n_test"], gen["seed"], gen["image_size"],
-                             gen["background_fraction"])
+                             gen["background_fraction"], gen.get("backgrounds", "corpus"))
 
 
 def load_dataset(cfg, check: bool = True):

@@ -13,6 +13,10 @@ COLOURS = {
     "orange": (1.00, 0.55, 0.05), "white": (0.97, 0.97, 0.97),
 }
 BACKGROUNDS = ("solid", "gradient", "stripes", "noise", "checker")
+# background kinds the toy LDM never saw (its corpus draws BACKGROUNDS only): a dataset world drawn
+# with them is to m what CUB's habitats are to Stable Diffusion, a background style to distil
+NOVEL_BACKGROUNDS = ("waves", "plaid", "rings")
+BACKGROUND_SETS = {"corpus": BACKGROUNDS, "novel": NOVEL_BACKGROUNDS}
 CONCEPT = "shape"
 GENERATOR_VERSION = 2  # bump when rendering changes: cached datasets are keyed by it (2: border-crossing objects)
 BACKGROUND_CAPTION = "a photo of a background"
@@ -48,13 +52,25 @@ def render_background(rng: np.random.Generator, size: int, kind: str) -> np.ndar
         img = Image.fromarray((low * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
         base = np.asarray(img, np.float32) / 255
         return np.clip(0.5 * base + 0.5 * c1, 0, 1)
+    elif kind == "waves":
+        f, amp, ph = rng.uniform(2, 4), rng.uniform(0.05, 0.12), rng.uniform(0, 2 * np.pi, 2)
+        w = (np.sin(2 * np.pi * f * (yy + amp * np.sin(2 * np.pi * 3 * xx + ph[0])) + ph[1]) + 1) / 2
+    elif kind == "plaid":
+        p1, p2 = rng.uniform(8, 16, 2) / size
+        w = 0.5 * ((np.sin(2 * np.pi * xx / p1) > 0.3).astype(np.float32)
+                   + (np.sin(2 * np.pi * yy / p2) > 0.3).astype(np.float32))
+    elif kind == "rings":
+        c, period = rng.uniform(0, 1, 2), rng.uniform(5, 10) / size
+        d = np.sqrt((xx - c[0]) ** 2 + (yy - c[1]) ** 2)
+        w = (np.sin(2 * np.pi * d / period) + 1) / 2
     elif kind == "checker":
         cell = int(rng.integers(4, 13))
         off = rng.integers(0, cell, 2)
         iy, ix = np.mgrid[0:size, 0:size]
         w = (((iy + off[0]) // cell + (ix + off[1]) // cell) % 2).astype(np.float32)
     else:
-        raise ValueError(f"unknown background kind {kind!r}; choose one of {BACKGROUNDS}")
+        raise ValueError(f"unknown background kind {kind!r}; choose one of "
+                         f"{BACKGROUNDS + NOVEL_BACKGROUNDS}")
     return (c1 * (1 - w[..., None]) + c2 * w[..., None]).astype(np.float32)
 
 
@@ -74,9 +90,9 @@ def shape_mask(size: int, kind: str, cx: float, cy: float, r: float, angle: floa
 
 
 def render_sample(rng: np.random.Generator, size: int = 64, background_only: bool = False,
-                  radius: tuple[float, float] = (8, 20)):
+                  radius: tuple[float, float] = (8, 20), backgrounds: tuple[str, ...] = BACKGROUNDS):
     """Render one image. Returns (uint8 HxWx3 image, bool HxW mask, metadata dict)."""
-    bg_kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    bg_kind = backgrounds[rng.integers(len(backgrounds))]
     img = render_background(rng, size, bg_kind)
     mask = np.zeros((size, size), bool)
     meta = {"background": bg_kind, "kind": None, "colour": None}
@@ -109,16 +125,25 @@ def caption_for(meta: dict, rng: np.random.Generator) -> str:
     return f"a photo of a {CONCEPT}"
 
 
-def generate_arrays(n: int, seed: int, size: int = 64, background_fraction: float = 0.15):
+def background_set(name: str) -> tuple[str, ...]:
+    if name not in BACKGROUND_SETS:
+        raise ValueError(f"`dataset.backgrounds`={name!r}; use one of {sorted(BACKGROUND_SETS)} "
+                         f"(corpus: the toy LDM's own; novel: kinds it never saw)")
+    return BACKGROUND_SETS[name]
+
+
+def generate_arrays(n: int, seed: int, size: int = 64, background_fraction: float = 0.15,
+                    backgrounds: str = "corpus"):
     """n samples in memory: images (n,H,W,3) uint8, masks (n,H,W) bool, captions, metadata.
-    Sample i depends only on (seed, i)."""
+    Sample i depends only on (seed, i); ``backgrounds`` names the background kinds drawn."""
+    kinds = background_set(backgrounds)
     images = np.zeros((n, size, size, 3), np.uint8)
     masks = np.zeros((n, size, size), bool)
     captions, metas = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         bg_only = rng.random() < background_fraction
-        images[i], masks[i], meta = render_sample(rng, size, bg_only)
+        images[i], masks[i], meta = render_sample(rng, size, bg_only, backgrounds=kinds)
         captions.append(caption_for(meta, rng))
         metas.append(meta)
     return images, masks, captions, metas

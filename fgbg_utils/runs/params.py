@@ -48,6 +48,8 @@ class DatasetParams(Section):
     n_test: int = P(64, "toy: number of test images", ge=0)
     image_size: int = P(64, "toy: image size in pixels", ge=8)
     background_fraction: float = P(0.0, "toy: share of background-only images", ge=0, le=1)
+    backgrounds: Literal["corpus", "novel"] = P("corpus", "toy: background kinds, the toy LDM's own "
+                                                "(corpus) or kinds it never saw (novel)")
     test_fraction: float = P(0.3, "folder without split.csv: share of test images", ge=0, le=1)
     splits: list[Split] = P(["train", "test"], "which splits the stages process")
     limit: Optional[int] = P(None, "at most this many images per split")

@@ -90,6 +90,8 @@ class SegSettings(BaseModel):
     threshold: float = Field(0.5, description="decision threshold [C]")
     hflip: bool = Field(True, description="random horizontal flips [C]")
     seed: int = Field(0, description="weights, crops and batch order")
+    average_last: float = Field(0.0, ge=0, lt=1, description="share of the last steps whose weights are "
+                                "averaged (SWA; BN statistics recomputed on the training set); 0: the last weights")
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="no, or bf16 autocast of the training steps (ours: ~1.6x faster on a CPU with avx512_bf16)")
 

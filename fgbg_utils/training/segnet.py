@@ -13,7 +13,9 @@
   the weights from a seeded init: training is deterministic for a given config.
 * Inputs are scaled to [0, 1] (no mean/std normalization; the first BN layer absorbs it).
 * Loss: BCE with logits on the soft label, Adam, a fixed number of steps, and the *last* weights
-  are returned (no model selection).
+  are returned (no model selection), or with `average_last` > 0 the average of the weights over
+  that last share of the steps (stochastic weight averaging, torch.optim.swa_utils), its BatchNorm
+  statistics recomputed on one epoch of training crops.
 
 Prediction protocols:
 * `predict` (full image): resize the whole image to size × size (bilinear; aspect ratio not kept),
@@ -264,6 +266,8 @@ def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig
         else (lambda k: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     curve: list[float] = []
+    averaged = torch.optim.swa_utils.AveragedModel(model) if cfg.average_last > 0 else None
+    average_from = int(round(cfg.steps * (1 - cfg.average_last)))
     steps = range(cfg.steps)
     if progress:
         from tqdm.auto import tqdm
@@ -279,6 +283,8 @@ def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig
         loss.backward()
         opt.step()
         sched.step()
+        if averaged is not None and step >= average_from:
+            averaged.update_parameters(model)
         curve.append(float(loss.detach()))
         if not math.isfinite(curve[-1]):
             raise FloatingPointError(f"segmentation loss became {curve[-1]} at step {step}; "
@@ -287,7 +293,21 @@ def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig
             recent = curve[-max(1, cfg.log_every):]
             log(f"segnet step {step + 1}/{cfg.steps}: loss {curve[-1]:.4f} "
                 f"(mean of last {len(recent)}: {float(np.mean(recent)):.4f})")
+    if averaged is not None:
+        model = _with_bn_statistics(averaged.module, data, cfg, dev)
     return model.eval(), curve
+
+
+def _with_bn_statistics(model: UNet, data, cfg: SegConfig, dev: torch.device) -> UNet:
+    """BatchNorm running statistics of averaged weights, recomputed on one epoch of training crops
+    (seeded as steps cfg.steps, cfg.steps + 1, ... would be)."""
+    n_batches = max(1, math.ceil(len(data) / cfg.batch_size))
+    batches = []
+    for k in range(cfg.steps, cfg.steps + n_batches):
+        x, _ = make_batch(data, batch_indices(cfg.seed, k, cfg.batch_size, len(data)), cfg, k)
+        batches.append(x.to(dev))
+    torch.optim.swa_utils.update_bn(batches, model)
+    return model
 
 
 # ----------------------------------------------------------------------------- prediction
