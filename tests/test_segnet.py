@@ -138,3 +138,47 @@ def test_bf16_autocast_is_deterministic_close_to_float32_and_still_learns():
     assert abs(c1[0] - c32[0]) < 0.02 and np.mean(c1[-10:]) < 0.5 * np.mean(c1[:10])
     with pytest.raises(ValueError):
         _tiny_cfg(mixed_precision="fp8")
+
+
+def test_auto_precision_takes_bf16_only_where_the_hardware_has_it(monkeypatch):
+    """auto = bf16 on native-bf16 hardware, float32 elsewhere (emulated bf16 was 15x slower)."""
+    images, masks, _, _ = toy.generate_arrays(3, seed=0, size=32, background_fraction=0.0)
+    cpu = torch.device("cpu")
+    _, c32 = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=3))
+    _, c16 = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=3, mixed_precision="bf16"))
+    for native, expected in ((False, c32), (True, c16)):
+        monkeypatch.setattr(segnet, "native_bf16", lambda dev, n=native: n)
+        assert segnet.uses_bf16(_tiny_cfg(mixed_precision="auto"), cpu) is native
+        _, curve = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=3, mixed_precision="auto"))
+        assert curve == expected
+
+
+def test_weight_averaging_averages_the_last_steps_and_recomputes_bn():
+    """average_last: the returned weights are the mean of the last steps' weights (not the last
+    ones), with BatchNorm statistics recomputed for them; deterministic."""
+    images, masks, _, _ = toy.generate_arrays(4, seed=1, size=32, background_fraction=0.0)
+    last, c_last = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=6))
+    avg, c_avg = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=6, average_last=0.5))
+    again, _ = segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=6, average_last=0.5))
+    assert c_last == c_avg  # the same training trajectory
+    w_last, w_avg = last.state_dict(), avg.state_dict()
+    conv = "inc.0.weight"
+    assert not torch.equal(w_last[conv], w_avg[conv])
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in w_avg.items())
+    # the mean of the weights after steps 3, 4, 5 (0-based) equals the averaged model's weights
+    snaps = []
+    for steps in (4, 5, 6):
+        cfg = _tiny_cfg(steps=6)
+        model = segnet.build_model(cfg).train()
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        data = segnet.prepare_training_data(list(images), list(masks), cfg.size)
+        for step in range(steps):
+            x, y = segnet.make_batch(data, segnet.batch_indices(cfg.seed, step, cfg.batch_size, len(data)), cfg, step)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        snaps.append(model.state_dict()[conv].clone())
+    assert torch.allclose(torch.stack(snaps).mean(0), w_avg[conv], atol=1e-6)
+    bn = "inc.1.running_mean"
+    assert not torch.equal(w_avg[bn], w_last[bn])  # recomputed, not the last model's

@@ -1,4 +1,4 @@
-"""Command line: `python -m fgbg_utils run|stage|study|predict|metrics|report|verify|train-toy ...`.
+"""Command line: `python -m fgbg_utils run|stage|study|guidance-sweep|predict|metrics|report|verify|train-toy ...`.
 Relative folders (run folders, --images, --out) are resolved against the project root, as
 `run_dir` in a parameter file is, and each command says which folder it uses."""
 from __future__ import annotations
@@ -48,6 +48,14 @@ def main(argv=None) -> int:
     sd.add_argument("--out", required=True, help="study folder: DIR/world-<w>/ run folders, study.json, study.md")
     sd.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     sd.add_argument("--jobs", default="auto", help="worker processes of the job graph (auto: 2 on a CPU)")
+    gs = sub.add_parser("guidance-sweep", help="Fig. 8: FID of D' and IoU of U-Net(D_s ∪ D'_s) against "
+                        "the guidance scale s (DIR/sweep.json, DIR/sweep.md)")
+    gs.add_argument("params")
+    gs.add_argument("--scales", default="1,2,3,7.5", help="guidance scales s, e.g. 1,2,3,7.5")
+    gs.add_argument("--unet-seeds", default="0,1,2", help="segmentation.seed values, e.g. 0,1,2")
+    gs.add_argument("--out", required=True, help="sweep folder: DIR/base/, DIR/s-<s>/, sweep.json, sweep.md")
+    gs.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    gs.add_argument("--jobs", default="auto", help="worker processes of the job graph (auto: 2 on a CPU)")
     m = sub.add_parser("metrics", help="print the metrics table of a run folder")
     m.add_argument("run_dir")
     rep = sub.add_parser("report", help="write DIR/report.html: the metrics table and the executed notebooks")
@@ -126,6 +134,13 @@ def main(argv=None) -> int:
                               parse_ints(args.unet_seeds, "--unet-seeds"), args.out, args.sets, args.jobs)
             print(f"\nwrote {args.out}/study.json and study.md ({study['seconds'] / 60:.1f} min)\n")
             print((Path(args.out) / "study.md").read_text())
+        elif args.cmd == "guidance-sweep":
+            from fgbg_utils.runs.guidance_sweep import parse_scales, run_guidance_sweep
+            from fgbg_utils.runs.study import parse_ints
+            sweep = run_guidance_sweep(args.params, parse_scales(args.scales),
+                                       parse_ints(args.unet_seeds, "--unet-seeds"), args.out, args.sets, args.jobs)
+            print(f"\nwrote {args.out}/sweep.json and sweep.md ({sweep['seconds'] / 60:.1f} min)\n")
+            print((Path(args.out) / "sweep.md").read_text())
         elif args.cmd == "metrics":
             from fgbg_utils.runs.runner import metrics_table
             print(f"run folder: {existing_run_dir(args.run_dir)}\n")

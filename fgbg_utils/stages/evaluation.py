@@ -21,7 +21,7 @@ from fgbg_utils.storage import (StageError, check_inputs, expected, fingerprint,
                                         update_stage)
 from fgbg_utils.training.config import SegSettings
 from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop,
-                                        resolve_device, train_many, train_segnet)
+                                        resolve_device, train_many, train_segnet, uses_bf16)
 
 STAGE = "06_evaluation"
 STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
@@ -300,7 +300,7 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress, processes: int | No
                 "seconds": round(time.time() - t0, 1), "workers": n,
                 "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])),
                 "loss_curve": curve, "config": scfg.to_dict(), "seed": scfg.seed,
-                "fingerprint": prints[row]}
+                "bf16": uses_bf16(scfg, resolve_device(scfg.device)), "fingerprint": prints[row]}
         atomic_save_safetensors(paths[row][0], model.state_dict())
         atomic_write_json(paths[row][1], info)
         done[row] = (model, info)

@@ -92,7 +92,8 @@ class SegSettings(BaseModel):
     seed: int = Field(0, description="weights, crops and batch order")
     average_last: float = Field(0.0, ge=0, lt=1, description="share of the last steps whose weights are "
                                 "averaged (SWA; BN statistics recomputed on the training set); 0: the last weights")
-    mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="no, or bf16 autocast of the training steps (ours: ~1.6x faster on a CPU with avx512_bf16)")
+    mixed_precision: Literal["no", "bf16", "auto"] = Field(
+        "no", description="no, bf16 autocast of the training steps (~1.6x faster on a CPU with avx512_bf16, "
+                          "~15x slower on one without), or auto: bf16 where the hardware has it, else fp32")
 
     _mixed_precision_no = field_validator("mixed_precision", mode="before")(_yaml_no)
