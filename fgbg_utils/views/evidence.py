@@ -128,3 +128,33 @@ def fid_curve(metrics05: dict | str | Path):
     ax.set_title("FID of D′ against the guidance scale (Fig. 8, Table 3)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def sweep_curve(sweep_dir: str | Path):
+    """Fig. 8 from `python -m fgbg_utils guidance-sweep`: FID of D' and the IoU of U-Net(D_s ∪ D'_s)
+    (mean ± sd over its init seeds) against s, with the paper's CUB FID. None (and the command
+    printed) when the sweep has not been run."""
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.exists():
+        print(f"no guidance sweep at {sweep_dir}; run: python -m fgbg_utils guidance-sweep "
+              f"params/toy.yaml --scales 1,2,3,7.5 --unet-seeds 0,1 --out {sweep_dir}")
+        return None
+    sweep = read_json(path)
+    s = np.array([float(k) for k in sweep["rows"]])
+    rows = list(sweep["rows"].values())
+    fid = np.array([np.nan if r["fid"] is None else r["fid"] for r in rows])
+    iou = np.array([r["iou"]["mean"] for r in rows])
+    sd = np.array([r["iou"]["sd"] or 0.0 for r in rows])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(s, fid, "o-", color="tab:blue", label="D′, toy features")
+    ps = sorted(PAPER_FID_CUB)
+    a2 = a.twinx()
+    a2.plot(ps, [PAPER_FID_CUB[v] for v in ps], "^--", color="0.45", label="paper, CUB (Inception)")
+    a.set_xlabel("guidance scale s"), a.set_ylabel("FID (ours)", color="tab:blue")
+    a2.set_ylabel("FID (paper)", color="0.45"), a.set_ylim(bottom=0), a2.set_ylim(bottom=0)
+    a.set_title("FID of D′", fontsize=9)
+    b.errorbar(s, iou, yerr=sd, fmt="o-", capsize=3, color="tab:green")
+    b.set_xlabel("guidance scale s"), b.set_ylabel("IoU, U-Net(D_s ∪ D′_s)")
+    b.set_title(f"U-Net IoU (mean ± sd, {len(sweep['unet_seeds'])} seeds)", fontsize=9)
+    fig.tight_layout()
+    return fig
