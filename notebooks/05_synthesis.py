@@ -35,7 +35,6 @@ params_file = "params/toy.yaml"  # the YAML that drives this notebook (relative:
 run_dir = "runs/toy"             # run folder (relative: project root; the CLI passes its --out)
 force = False                    # recompute this stage's finished outputs
 interactive = True               # widgets when a browser is attached
-sweep_dir = "runs/guidance-sweep"  # output of `python -m fgbg_utils guidance-sweep` (Fig. 8's IoU against s)
 
 # %%
 # %matplotlib inline
@@ -126,14 +125,15 @@ fig = evidence.fid_curve(cfg.run_dir)
 # %% [markdown]
 # ## The U-Net's IoU against $s$ (Fig. 8)
 #
-# Which $s$ makes the best training data? `python -m fgbg_utils guidance-sweep` runs stages 01–04
+# Which $s$ makes the best training data? `python -m fgbg_utils guidance-sweep params/toy.yaml --out
+# runs/guidance-sweep` runs stages 01–04
 # once and stages 05–06 for each $s$, training U-Net$(D_s \cup D'_s)$ with several init seeds. Left:
 # FID of each $D'$; right: the U-Net's IoU on the real test images (mean ± sd over seeds).
 
 # %%
 # NBVAL_SKIP
 from fgbg_utils.runs.params import resolve_path
-fig = evidence.sweep_curve(resolve_path(sweep_dir))
+fig = evidence.sweep_curve(resolve_path("runs/guidance-sweep"))  # the sweep's --out
 
 # %% [markdown]
 # ## Browse $D'$ with its masks $D'_m$, cut-outs $D'_f$ and backgrounds $D'_b$
