@@ -153,8 +153,12 @@ def sweep_curve(sweep_dir: str | Path):
     a.set_xlabel("guidance scale s"), a.set_ylabel("FID (ours)", color="tab:blue")
     a2.set_ylabel("FID (paper)", color="0.45"), a.set_ylim(bottom=0), a2.set_ylim(bottom=0)
     a.set_title("FID of D′", fontsize=9)
+    handles = a.get_legend_handles_labels()[0] + a2.get_legend_handles_labels()[0]
+    a.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper center")
     b.errorbar(s, iou, yerr=sd, fmt="o-", capsize=3, color="tab:green")
     b.set_xlabel("guidance scale s"), b.set_ylabel("IoU, U-Net(D_s ∪ D′_s)")
-    b.set_title(f"U-Net IoU (mean ± sd, {len(sweep['unet_seeds'])} seeds)", fontsize=9)
+    n = len(sweep["unet_seeds"])
+    b.set_title(f"U-Net IoU on the real test images ({'mean ± sd, ' if n > 1 else ''}"
+                f"{n} init seed{'s' if n > 1 else ''})", fontsize=9)
     fig.tight_layout()
     return fig
