@@ -50,6 +50,17 @@ def detect_family(path: str, revision: str | None = None) -> str:
     return PIPELINES.get(cfg.get("_class_name"), "sd")
 
 
+def absent_components(path: str) -> dict:
+    """{name: None} for the components a local folder's model_index.json lists as [null, null]
+    (e.g. an SD3 folder saved without T5): diffusers refuses to load it unless they are passed."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return {}
+    cfg = json.loads(index.read_text())
+    return {k: None for k, v in cfg.items()
+            if not k.startswith("_") and isinstance(v, list) and v and all(x is None for x in v)}
+
+
 def pipeline_class(family: str):
     import diffusers
     name = {v: k for k, v in PIPELINES.items()}[family]
@@ -62,6 +73,7 @@ def load_family(family: str, path: str, revision: str | None = None, device: str
     dev = models.pick_device(device)
     torch_dtype, _ = models.resolve_dtypes(dtype, dev)
     kw = {"revision": revision} if revision else {}
+    kw.update(absent_components(path))
     try:
         pipe = pipeline_class(family).from_pretrained(path, dtype=torch_dtype, **kw)
     except (OSError, ValueError, TypeError) as e:
@@ -84,6 +96,8 @@ def load_family(family: str, path: str, revision: str | None = None, device: str
     extras = {n: getattr(pipe, n) for n in extra_names}
     if family in FLOW:
         extras["max_sequence_length"] = MAX_SEQUENCE_LENGTH[family]
+    if family == "sd3" and extras["text_encoder_3"] is None:
+        extras["max_sequence_length"] = 0  # no T5 encoder: no T5 tokens (not 256 zero rows), the toy DiT's layout
     for module in (denoiser, pipe.vae, pipe.text_encoder,
                    *(v for k, v in extras.items() if k.startswith("text_encoder") and v is not None)):
         module.to(dev).eval().requires_grad_(False)
