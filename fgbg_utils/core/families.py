@@ -238,16 +238,37 @@ def noise_levels(ldm: LDM, T0: int, grid_steps: int = 50) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- denoisers
-def layer_names(ldm: LDM, layers=None) -> list[str]:
-    """The attention layers the capture reads (all, or those matching the `layers` patterns)."""
+AGGREGATIONS = ("cross", "concept")
+
+
+def check_aggregation(ldm: LDM, aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"`attention.aggregation`={aggregation!r}; choose one of {AGGREGATIONS}.")
+    if aggregation == "concept" and ldm.family not in FLOW:
+        raise ValueError(f"`attention.aggregation`='concept' needs an MMDiT (sd3 or flux); "
+                         f"{ldm.path!r} is a {ldm.family} model: use 'cross'.")
+
+
+def layer_names(ldm: LDM, layers=None, aggregation: str = "cross") -> list[str]:
+    """The attention layers the capture reads (all, or those matching the `layers` patterns);
+    concept aggregation: the joint layers with text-stream weights (Flux: double-stream only)."""
+    from fgbg_utils.core.concept_attention import concept_layers
     from fgbg_utils.core.joint_attention import joint_layers
-    names = (attention.cross_attention_layers(ldm.unet) if ldm.family in ("sd", "sdxl")
-             else joint_layers(ldm.unet))
+    check_aggregation(ldm, aggregation)
+    if aggregation == "concept":
+        names = concept_layers(ldm.unet)
+    else:
+        names = (attention.cross_attention_layers(ldm.unet) if ldm.family in ("sd", "sdxl")
+                 else joint_layers(ldm.unet))
     return attention.select_layers(names, layers)
 
 
-def denoiser(ldm: LDM, cond: Condition, layers=None):
-    """The batched model call of `attention.capture_maps` for this family."""
+def denoiser(ldm: LDM, cond: Condition, layers=None, concepts=None):
+    """The batched model call of `attention.capture_maps` for this family; `concepts`
+    (`concept_attention.Concepts`, SD3/Flux): capture ConceptAttention maps instead."""
+    if concepts is not None:
+        check_aggregation(ldm, "concept")
+        return FlowDenoiser(ldm, cond, layers, concepts)
     if ldm.family == "sd":
         return attention.UNetDenoiser(ldm.unet, ldm.scheduler, cond.emb, layers=layers)
     if ldm.family == "sdxl":
@@ -260,8 +281,9 @@ class FlowDenoiser:
     """SD3 / Flux: z_t = (1 − σ) z0 + σ ε; the transformer called as the family's pipeline does
     (SD3: timestep 1000 σ; Flux: latents packed 2x2, timestep σ, RoPE ids, distilled guidance)."""
 
-    def __init__(self, ldm: LDM, cond: Condition, layers=None):
+    def __init__(self, ldm: LDM, cond: Condition, layers=None, concepts=None):
         self.ldm, self.model, self.cond, self.layers = ldm, ldm.unet, cond, layers
+        self.concepts = concepts
 
     def levels(self, sigmas) -> torch.Tensor:
         return torch.as_tensor(np.asarray(sigmas), dtype=torch.float32)
@@ -275,6 +297,9 @@ class FlowDenoiser:
 
     def capture(self, store):
         from fgbg_utils.core.joint_attention import capture_joint_attention
+        if self.concepts is not None:
+            from fgbg_utils.core.concept_attention import capture_concept_attention
+            return capture_concept_attention(self.model, store, self.ldm.family, self.concepts, self.layers)
         return capture_joint_attention(self.model, store, self.ldm.family, self.layers,
                                        n_text=self.cond.emb.shape[1])
 
