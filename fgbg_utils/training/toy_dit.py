@@ -174,8 +174,12 @@ def train_dit(transformer, te1, te2, tokenizer, latents, captions, work: Path, b
                                                        "seconds": 0.0, "planned": False}
     if meta["step"]:
         log(f"resumed at step {meta['step']}/{meta['total']}")
+        if math.isinf(budget_s) and meta["total"] != max_steps:  # fixed steps given: they rule
+            log(f"steps now {max_steps} (were {meta['total']})")
+            meta.update(total=max_steps, planned=True, replanned_from=meta["total"])
     transformer.train(), te1.train(), te2.train()
     step, total, curve, running = meta["step"], meta["total"], meta["curve"], []
+    resumed = meta["step"]
     t0, done_before = time.time(), meta["seconds"]
     last_ckpt = last_snap = time.time()
     while step < total:
@@ -210,7 +214,8 @@ def train_dit(transformer, te1, te2, tokenizer, latents, captions, work: Path, b
             on_snapshot(step, ema, curve)
             last_snap = time.time()
     seconds = round(done_before + time.time() - t0, 1)
-    return ema, {"steps": step, "seconds": seconds, "curve": curve, "resumed_from": meta["step"] or None}
+    return ema, {"steps": step, "seconds": seconds, "curve": curve, "resumed_from": resumed or None,
+                 "replanned_from": meta.get("replanned_from")}
 
 
 def _validate(candidates: dict[int, Path], work: Path, validation: dict | None, log) -> dict[int, float]:

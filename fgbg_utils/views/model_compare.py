@@ -24,8 +24,9 @@ def model_maps(image: np.ndarray, models: dict[str, tuple[str, str]], object_wor
     return out
 
 
-def unet_vs_mmdit(image: np.ndarray, ground_truth: np.ndarray, object_word: str, prompt: str, T0: int,
-                  seed: int = 0, unet: str = "models/toy-ldm", mmdit: str = "models/toy-dit"):
+def unet_vs_mmdit(image: np.ndarray, ground_truth: np.ndarray, object_word: str = "shape",
+                  prompt: str = "a photo of a {object}", T0: int = 40, seed: int = 0,
+                  unet: str = "models/toy-ldm", mmdit: str = "models/toy-dit"):
     """Figure: the image, its ground truth, the UNet's M̂ and the MMDiT's M̂ (cross-attention and
     concept aggregation), each titled with its AUC; returns (figure, {label: AUC})."""
     from fgbg_utils.views.walkthrough import image_and_maps
