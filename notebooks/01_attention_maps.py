@@ -144,6 +144,9 @@ figs = explorers.attention_explorer(lambda _: views, ["walkthrough"], interactiv
 # With `attention.aggregation: concept` (ConceptAttention, Helbling et al. 2025) the map is instead a
 # softmax over concepts (here *shape* vs *background*) of the dot products between the image tokens'
 # and the concept tokens' attention outputs. The titles give each map's AUC against the ground truth.
+# **The shipped toy DiT does not localise the object yet** (README: held-out AUC 0.22 with
+# cross-attention, 0.54 with concept aggregation): its joint attention mixes the text tokens from
+# the first block on, so the object token does not carry the object as the toy LDM's does.
 
 # %%
 from fgbg_utils.views import model_compare

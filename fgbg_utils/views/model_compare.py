@@ -10,14 +10,15 @@ from fgbg_utils.core.metrics import BinnedAUC
 def model_maps(image: np.ndarray, models: dict[str, tuple[str, str]], object_word: str, prompt: str,
                T0: int, seed: int = 0, device: str = "cpu") -> dict[str, np.ndarray]:
     """{label: M̂ at the image's size} for models = {label: (model path, aggregation)}."""
-    from fgbg_utils.views.walkthrough import _quiet_diffusers
     from fgbg_utils import FgBgPipeline
+    from fgbg_utils.runs.params import resolve_input
+    from fgbg_utils.views.walkthrough import _quiet_diffusers
 
     loaded, out = {}, {}
     for label, (path, aggregation) in models.items():
         if path not in loaded:
             with _quiet_diffusers():
-                loaded[path] = FgBgPipeline.from_pretrained(path, device=device)
+                loaded[path] = FgBgPipeline.from_pretrained(resolve_input(path), device=device)
         maps = loaded[path].attention_maps(image, object_word, prompt, T0=T0, seed=seed,
                                            ids=["compare"], aggregation=aggregation)
         out[label] = maps.original()[0]
