@@ -82,3 +82,24 @@ def test_model_folder_check_follows_the_family(tmp_path):
     shutil.rmtree(broken / "transformer")
     with pytest.raises(ModelError, match="transformer/"):
         check_model_folder(str(broken))
+
+
+def test_dit_training_resumes_from_its_state(tmp_path):
+    import torch
+
+    from fgbg_utils.training import toy_dit
+
+    arch = {"layers": 1, "heads": 2, "head_dim": 8, "text_hidden": 8}
+    latents = torch.randn(8, 4, 16, 16)
+    captions = ["a photo of a shape"] * 8
+    t, te1, te2, tok, _ = toy_dit.build_dit_models(0, arch)
+    _, first = toy_dit.train_dit(t, te1, te2, tok, latents, captions, tmp_path, budget_s=float("inf"),
+                                 seed=0, batch=2, max_steps=3, checkpoint_s=0, log=lambda *_: None)
+    assert first["steps"] == 3 and (tmp_path / toy_dit.STATE).is_file()
+    saved = json.loads((tmp_path / toy_dit.STATE_META).read_text())
+    assert saved["step"] == 2  # the last state before the end
+    t2, a2, b2, _, _ = toy_dit.build_dit_models(1, arch)  # other weights: the state replaces them
+    _, again = toy_dit.train_dit(t2, a2, b2, tok, latents, captions, tmp_path, budget_s=float("inf"),
+                                 seed=0, batch=2, max_steps=5, checkpoint_s=1e9, log=lambda *_: None)
+    assert again["resumed_from"] == 2 and again["steps"] == 5 and again["replanned_from"] == 3
+    assert te1.text_projection.weight.abs().max() == 0  # pooled stays 0: the projection is frozen
