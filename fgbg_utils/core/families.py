@@ -50,6 +50,17 @@ def detect_family(path: str, revision: str | None = None) -> str:
     return PIPELINES.get(cfg.get("_class_name"), "sd")
 
 
+def absent_components(path: str) -> dict:
+    """{name: None} for the components a local folder's model_index.json lists as [null, null]
+    (e.g. an SD3 folder saved without T5): diffusers refuses to load it unless they are passed."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return {}
+    cfg = json.loads(index.read_text())
+    return {k: None for k, v in cfg.items()
+            if not k.startswith("_") and isinstance(v, list) and v and all(x is None for x in v)}
+
+
 def pipeline_class(family: str):
     import diffusers
     name = {v: k for k, v in PIPELINES.items()}[family]
@@ -62,6 +73,7 @@ def load_family(family: str, path: str, revision: str | None = None, device: str
     dev = models.pick_device(device)
     torch_dtype, _ = models.resolve_dtypes(dtype, dev)
     kw = {"revision": revision} if revision else {}
+    kw.update(absent_components(path))
     try:
         pipe = pipeline_class(family).from_pretrained(path, dtype=torch_dtype, **kw)
     except (OSError, ValueError, TypeError) as e:
@@ -84,6 +96,8 @@ def load_family(family: str, path: str, revision: str | None = None, device: str
     extras = {n: getattr(pipe, n) for n in extra_names}
     if family in FLOW:
         extras["max_sequence_length"] = MAX_SEQUENCE_LENGTH[family]
+    if family == "sd3" and extras["text_encoder_3"] is None:
+        extras["max_sequence_length"] = 0  # no T5 encoder: no T5 tokens (not 256 zero rows), the toy DiT's layout
     for module in (denoiser, pipe.vae, pipe.text_encoder,
                    *(v for k, v in extras.items() if k.startswith("text_encoder") and v is not None)):
         module.to(dev).eval().requires_grad_(False)
@@ -224,16 +238,37 @@ def noise_levels(ldm: LDM, T0: int, grid_steps: int = 50) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- denoisers
-def layer_names(ldm: LDM, layers=None) -> list[str]:
-    """The attention layers the capture reads (all, or those matching the `layers` patterns)."""
+AGGREGATIONS = ("cross", "concept")
+
+
+def check_aggregation(ldm: LDM, aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"`attention.aggregation`={aggregation!r}; choose one of {AGGREGATIONS}.")
+    if aggregation == "concept" and ldm.family not in FLOW:
+        raise ValueError(f"`attention.aggregation`='concept' needs an MMDiT (sd3 or flux); "
+                         f"{ldm.path!r} is a {ldm.family} model: use 'cross'.")
+
+
+def layer_names(ldm: LDM, layers=None, aggregation: str = "cross") -> list[str]:
+    """The attention layers the capture reads (all, or those matching the `layers` patterns);
+    concept aggregation: the joint layers with text-stream weights (Flux: double-stream only)."""
+    from fgbg_utils.core.concept_attention import concept_layers
     from fgbg_utils.core.joint_attention import joint_layers
-    names = (attention.cross_attention_layers(ldm.unet) if ldm.family in ("sd", "sdxl")
-             else joint_layers(ldm.unet))
+    check_aggregation(ldm, aggregation)
+    if aggregation == "concept":
+        names = concept_layers(ldm.unet)
+    else:
+        names = (attention.cross_attention_layers(ldm.unet) if ldm.family in ("sd", "sdxl")
+                 else joint_layers(ldm.unet))
     return attention.select_layers(names, layers)
 
 
-def denoiser(ldm: LDM, cond: Condition, layers=None):
-    """The batched model call of `attention.capture_maps` for this family."""
+def denoiser(ldm: LDM, cond: Condition, layers=None, concepts=None):
+    """The batched model call of `attention.capture_maps` for this family; `concepts`
+    (`concept_attention.Concepts`, SD3/Flux): capture ConceptAttention maps instead."""
+    if concepts is not None:
+        check_aggregation(ldm, "concept")
+        return FlowDenoiser(ldm, cond, layers, concepts)
     if ldm.family == "sd":
         return attention.UNetDenoiser(ldm.unet, ldm.scheduler, cond.emb, layers=layers)
     if ldm.family == "sdxl":
@@ -246,8 +281,9 @@ class FlowDenoiser:
     """SD3 / Flux: z_t = (1 − σ) z0 + σ ε; the transformer called as the family's pipeline does
     (SD3: timestep 1000 σ; Flux: latents packed 2x2, timestep σ, RoPE ids, distilled guidance)."""
 
-    def __init__(self, ldm: LDM, cond: Condition, layers=None):
+    def __init__(self, ldm: LDM, cond: Condition, layers=None, concepts=None):
         self.ldm, self.model, self.cond, self.layers = ldm, ldm.unet, cond, layers
+        self.concepts = concepts
 
     def levels(self, sigmas) -> torch.Tensor:
         return torch.as_tensor(np.asarray(sigmas), dtype=torch.float32)
@@ -261,6 +297,9 @@ class FlowDenoiser:
 
     def capture(self, store):
         from fgbg_utils.core.joint_attention import capture_joint_attention
+        if self.concepts is not None:
+            from fgbg_utils.core.concept_attention import capture_concept_attention
+            return capture_concept_attention(self.model, store, self.ldm.family, self.concepts, self.layers)
         return capture_joint_attention(self.model, store, self.ldm.family, self.layers,
                                        n_text=self.cond.emb.shape[1])
 

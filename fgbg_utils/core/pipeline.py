@@ -267,7 +267,8 @@ class FgBgPipeline:
                        parts: Sequence[str] = (), T0: int = 40, seed: int = 0, ids=None,
                        grid_steps: int = 50, latent: str = "mode", batch_rows: int | str = 160,
                        per_timestep: bool = False, per_layer: bool = False,
-                       per_token: bool = False, progress: bool = False, layers=None) -> AttentionMaps:
+                       per_token: bool = False, progress: bool = False, layers=None,
+                       aggregation: str = "cross", concepts: Sequence[str] = ("background",)) -> AttentionMaps:
         """M̂ of `object_word` (+ `parts`) with the pretrained m: the mean cross-attention over the
         T0 lowest DDIM levels and all attn2 layers. Image i's noise is seeded by (seed, ids[i])
         exactly as in stage 01, so a map equals stage 01's for the same id and parameters.
@@ -275,27 +276,32 @@ class FgBgPipeline:
         the stage does with the sweep on. `batch_rows`: UNet rows per call, or "auto". `layers`:
         fnmatch patterns of the attention layers to average (None: all, as in the paper). Any
         family (core/families.py): SDXL's attn2, SD3's and Flux's joint attention, T0 lowest
-        DDIM timesteps or flow-matching σ."""
+        DDIM timesteps or flow-matching σ. `aggregation`="concept" (SD3, Flux): ConceptAttention's
+        map of the object against `concepts` (core/concept_attention.py) instead."""
         ldm = self.ldm
         if latent not in ("mode", "sample"):
             raise ValueError(f"latent={latent!r}; choose 'mode' or 'sample'")
         x, frames = self.canvases(images)
         ids = _ids(ids, len(frames))
-        prompt = prompt.replace("{object}", object_word)
+        template, prompt = prompt, prompt.replace("{object}", object_word)
         words = [object_word, *parts]
         positions = families.prompt_positions(ldm, prompt, words)
         flat = [p for w in words for p in positions[w]]
         n_levels = max(min(50, grid_steps) if per_timestep else T0, T0)
         timesteps = families.noise_levels(ldm, n_levels, grid_steps)
-        layer_list = families.layer_names(ldm, layers)
+        layer_list = families.layer_names(ldm, layers, aggregation)
         emb = families.encode_condition(ldm, prompt)
+        concept_set = None
+        if aggregation == "concept":
+            from fgbg_utils.core.concept_attention import concept_tokens
+            concept_set = concept_tokens(ldm, template, words, list(concepts))
         rows = attention.resolve_batch_rows(batch_rows, ldm.unet, ldm.latent_size)
         per_group = max(1, rows // n_levels)
         parts_out: dict[str, list] = {k: [] for k in ("mhat_raw", "per_timestep", "per_layer", "per_token")}
         for start in range(0, len(ids), per_group):
             sl = slice(start, start + per_group)
             full = self._full_maps(x[sl], ids[sl], emb, flat, timesteps, grid_steps, seed, latent, rows,
-                                   progress, layers)
+                                   progress, layers, concept_set)
             for k, v in attention.reduce_maps(full, T0).items():
                 parts_out[k].append(v.numpy())
         red = {k: np.concatenate(v) for k, v in parts_out.items()}
@@ -311,7 +317,7 @@ class FgBgPipeline:
             per_token=f32(red["per_token"]) if per_token else None)
 
     def _full_maps(self, x, ids, emb, flat, timesteps, grid_steps, seed, latent, rows, progress,
-                   layers=None):
+                   layers=None, concepts=None):
         """Stage 01's `_process_group`: z0, per-image noise, the batched capture."""
         ldm = self.ldm
         if latent == "mode":
@@ -323,7 +329,7 @@ class FgBgPipeline:
         noise = torch.stack([attention.image_noise(seeds_mod.generator(seed, "01-noise", im_id),
                                                    grid_steps, z0.shape[1:])[:len(timesteps)]
                              for im_id in ids])
-        return attention.capture_maps(families.denoiser(ldm, emb, layers), z0, flat, timesteps, noise,
+        return attention.capture_maps(families.denoiser(ldm, emb, layers, concepts), z0, flat, timesteps, noise,
                                       rows, progress)
 
     # -- §2.2 preliminary masks (stage 02)
@@ -441,8 +447,8 @@ class FgBgPipeline:
         """The n lowest noise levels (DDIM timesteps or flow-matching σ), ascending."""
         return families.noise_levels(self.ldm, n, grid_steps)
 
-    def layer_names(self, layers=None) -> list[str]:
-        return families.layer_names(self.ldm, layers)
+    def layer_names(self, layers=None, aggregation: str = "cross") -> list[str]:
+        return families.layer_names(self.ldm, layers, aggregation)
 
     # -- §2.5 concept-guided sampling
     @torch.no_grad()

@@ -65,10 +65,14 @@ def main(argv=None) -> int:
     ver.add_argument("run_dir")
     t = sub.add_parser("train-toy", help="remake the shipped toy LDM: phase 1, phase 2 with EMA "
                        "snapshots, selection on the validation world (what notebook 00 runs)")
-    t.add_argument("--model", choices=["ldm", "features"], default="ldm", help="ldm: the toy LDM; "
+    t.add_argument("--model", choices=["ldm", "dit", "features"], default="ldm", help="ldm: the toy LDM; "
+                   "dit: the toy MMDiT (training/toy_dit.py); "
                    "features: the toy world's FID feature network (training/feature_net.py)")
-    t.add_argument("--out", default=None, help="default: models/toy-ldm or models/toy-features")
-    t.add_argument("--work", default="work_toy", help="phase-1 model, phase-2 snapshots, validation runs")
+    t.add_argument("--out", default=None, help="default: models/toy-ldm, models/toy-dit or models/toy-features")
+    t.add_argument("--work", default=None, help="phase-1 model, phase-2 snapshots, validation runs "
+                   "(default work_toy; dit: work_toy_dit, resumed when a training state is there)")
+    t.add_argument("--dit-minutes", type=float, default=35, help="dit: training budget")
+    t.add_argument("--dit-steps", type=int, help="dit: fixed training steps (instead of --dit-minutes)")
     t.add_argument("--n-images", type=int, default=20000, help="training images per phase")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--vae-minutes", type=float, default=10)
@@ -152,6 +156,12 @@ def main(argv=None) -> int:
         elif args.cmd == "train-toy" and args.model == "features":
             from fgbg_utils.training.feature_net import train_feature_net
             train_feature_net(args.out or "models/toy-features", {"threads": args.threads})
+        elif args.cmd == "train-toy" and args.model == "dit":
+            from fgbg_utils.training.toy_dit import train_toy_dit
+            train_toy_dit(args.out or "models/toy-dit", args.work or "work_toy_dit", n_images=args.n_images,
+                          minutes=args.dit_minutes, steps=args.dit_steps, threads=args.threads,
+                          snapshot_minutes=args.snapshot_minutes,
+                          select_on_validation=args.select_on_validation)
         elif args.cmd == "train-toy":
             from fgbg_utils.training.toy_recipe import SHIPPED_STEPS, train_toy_recipe
             steps = {"vae_steps": args.vae_steps, "phase1_steps": args.phase1_steps,
@@ -160,7 +170,7 @@ def main(argv=None) -> int:
             if args.steps_as_shipped:
                 steps = {**SHIPPED_STEPS, "snapshot_steps": list(SHIPPED_STEPS["snapshot_steps"])}
             timed = None if steps["snapshot_steps"] else args.snapshot_minutes
-            train_toy_recipe(args.out or "models/toy-ldm", args.work, n_images=args.n_images, threads=args.threads,
+            train_toy_recipe(args.out or "models/toy-ldm", args.work or "work_toy", n_images=args.n_images, threads=args.threads,
                              vae_minutes=args.vae_minutes, phase1_minutes=args.phase1_minutes,
                              phase2_minutes=args.phase2_minutes, snapshot_minutes=timed,
                              init_from=args.init_from, select_on_validation=args.select_on_validation,

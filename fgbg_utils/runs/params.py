@@ -65,6 +65,11 @@ class AttentionParams(Section):
     keep_per_layer: bool = P(True, "keep per-layer maps for exploration")
     layers: Optional[list[str]] = P(None, "layers averaged into M̂: fnmatch patterns of their names, "
                                           "e.g. 'up_blocks.*'; null = all [P]")
+    aggregation: Literal["cross", "concept"] = P("cross", "cross: the object token's attention "
+                                                 "probabilities [P]; concept (SD3, Flux): ConceptAttention's "
+                                                 "output-space map, softmax over the object and `concepts`")
+    concepts: list[str] = P(["background"], "aggregation concept: the other concept words the object "
+                                             "competes with (each put into the prompt in place of the object)")
 
 
 class BinarizationParams(Section):

@@ -97,6 +97,24 @@ def preflight(cfg, stages=()) -> None:
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def model_components(folder: Path) -> tuple[str, ...]:
+    """The component folders a local model folder needs: SD 1.x/2.x's, or for SDXL, SD3 and Flux
+    those its model_index.json lists (components listed as [null, null] are absent by design)."""
+    from fgbg_utils.core.families import PIPELINES
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return MODEL_COMPONENTS
+    try:
+        cfg = json.loads(index.read_text())
+    except ValueError:
+        return MODEL_COMPONENTS
+    if cfg.get("_class_name") not in PIPELINES:
+        return MODEL_COMPONENTS
+    return tuple(k for k, v in cfg.items() if not k.startswith("_") and isinstance(v, list)
+                 and len(v) == 2 and v[0] is not None)
+
+
 def check_model_folder(path: str) -> None:
     """A local diffusers folder holds every component the method loads; name the missing one."""
     from fgbg_utils.core.models import ModelError
@@ -104,10 +122,11 @@ def check_model_folder(path: str) -> None:
     folder = Path(path)
     if not folder.is_dir():
         return
-    missing = [c for c in MODEL_COMPONENTS if not (folder / c).is_dir()]
+    needed = model_components(folder)
+    missing = [c for c in needed if not (folder / c).is_dir()]
     if missing:
         raise ModelError(f"`model.path`={path} has no {', '.join(m + '/' for m in missing)} "
-                         f"folder: a diffusers model folder holds {', '.join(c + '/' for c in MODEL_COMPONENTS)}. "
+                         f"folder: a diffusers model folder holds {', '.join(c + '/' for c in needed)}. "
                          f"Copy the missing component(s) from the same model, or save the whole "
                          f"pipeline with save_pretrained.")
 

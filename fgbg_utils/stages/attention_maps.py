@@ -105,7 +105,8 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None, part: tuple[
                 images, cfg.object, cfg.prompt, cfg.parts, cfg.T0, cfg.seed, [r.id for r in good],
                 cfg.attention.grid_steps, cfg.attention.latent, rows, per_timestep=cfg.attention.sweep,
                 per_layer=cfg.attention.keep_per_layer, per_token=cfg.attention.keep_per_layer,
-                layers=cfg.attention.layers)
+                layers=cfg.attention.layers, aggregation=cfg.attention.aggregation,
+                concepts=cfg.attention.concepts)
             save_maps(cfg, maps, sizes)
         bar.update(len(group))
     bar.close()
@@ -130,7 +131,8 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None, part: tuple[
                "skipped_images": sorted(set(map(tuple, bad_all))), "images": [r.id for r in done],
                "splits": {r.id: r.split for r in done}, "resolution": ldm.resolution,
                "latent_size": ldm.latent_size, "vae_factor": ldm.vae_factor,
-               "layers": pipe.layer_names(cfg.attention.layers), "processes": shards.count}
+               "layers": pipe.layer_names(cfg.attention.layers, cfg.attention.aggregation),
+               "aggregation": cfg.attention.aggregation, "processes": shards.count}
     atomic_write_json(out_dir / "summary.json", summary)
     update_stage(cfg, "01", complete=True, n_images=len(done))
     return summary

@@ -48,7 +48,7 @@ def _portable(value):
 
 # Parameters added after run folders existed, left out of the fingerprints while at their default
 # (the behaviour before they existed), so those folders resume: {section: {name: default}}.
-LATE_DEFAULTS = {"attention": {"layers": None}}
+LATE_DEFAULTS = {"attention": {"layers": None, "aggregation": "cross", "concepts": ["background"]}}
 
 
 def _without_late_defaults(key: str, value):
