@@ -8,6 +8,15 @@ import sys
 from pathlib import Path
 
 
+def _repeated_runs(parser, out_help: str) -> None:
+    """The options shared by `study` and `guidance-sweep`."""
+    parser.add_argument("params")
+    parser.add_argument("--unet-seeds", default="0,1,2", help="segmentation.seed values, e.g. 0,1,2")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--jobs", default="auto", help="worker processes of the job graph (auto: 2 on a CPU)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fgbg_utils", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -42,20 +51,12 @@ def main(argv=None) -> int:
     pr.add_argument("--batch-size", type=int, default=None)
     sd = sub.add_parser("study", help="Table 2 over toy worlds x U-Net init seeds: 95 %% intervals "
                         "and a paired verdict per step (DIR/study.json, DIR/study.md)")
-    sd.add_argument("params")
     sd.add_argument("--worlds", default="0,1,2", help="dataset seeds, e.g. 0,1,2 (never 100: the validation world)")
-    sd.add_argument("--unet-seeds", default="0,1,2", help="segmentation.seed values, e.g. 0,1,2")
-    sd.add_argument("--out", required=True, help="study folder: DIR/world-<w>/ run folders, study.json, study.md")
-    sd.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    sd.add_argument("--jobs", default="auto", help="worker processes of the job graph (auto: 2 on a CPU)")
+    _repeated_runs(sd, "study folder: DIR/world-<w>/ run folders, study.json, study.md")
     gs = sub.add_parser("guidance-sweep", help="Fig. 8: FID of D' and IoU of U-Net(D_s ∪ D'_s) against "
                         "the guidance scale s (DIR/sweep.json, DIR/sweep.md)")
-    gs.add_argument("params")
     gs.add_argument("--scales", default="1,2,3,7.5", help="guidance scales s, e.g. 1,2,3,7.5")
-    gs.add_argument("--unet-seeds", default="0,1,2", help="segmentation.seed values, e.g. 0,1,2")
-    gs.add_argument("--out", required=True, help="sweep folder: DIR/base/, DIR/s-<s>/, sweep.json, sweep.md")
-    gs.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    gs.add_argument("--jobs", default="auto", help="worker processes of the job graph (auto: 2 on a CPU)")
+    _repeated_runs(gs, "sweep folder: DIR/base/, DIR/s-<s>/, sweep.json, sweep.md")
     m = sub.add_parser("metrics", help="print the metrics table of a run folder")
     m.add_argument("run_dir")
     rep = sub.add_parser("report", help="write DIR/report.html: the metrics table and the executed notebooks")
