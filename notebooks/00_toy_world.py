@@ -86,8 +86,8 @@ fig = plots.image_rows(rows[:4], ["image", "mask"])
 
 # %%
 from fgbg_utils import FgBgPipeline
-from fgbg_utils.views.walkthrough import _quiet_diffusers
-with _quiet_diffusers():
+from fgbg_utils.views.walkthrough import quiet_diffusers
+with quiet_diffusers():
     pipe = FgBgPipeline.from_pretrained(model_dir, device="cpu")
 info = json.loads((Path(model_dir) / "training_info.json").read_text())
 ldm = pipe.ldm
@@ -163,7 +163,7 @@ for ax, im, p in zip(axes, out, prompts):
 # %%
 from fgbg_utils.views.plots import image_rows
 images, masks, captions, _ = toy.generate_arrays(4, seed=1)
-with _quiet_diffusers():
+with quiet_diffusers():
     pipe = FgBgPipeline.from_pretrained(model_dir, device="cpu")  # the retrained model when train = True
 maps = pipe.attention_maps(images, "shape", ids=[f"toy-{k}" for k in range(len(images))])
 rows = [{"label": c.replace("a photo of a ", ""), "image": i, "mask": m, "M̂": h}

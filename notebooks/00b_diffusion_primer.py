@@ -31,7 +31,7 @@ from fgbg_utils.core import models
 from fgbg_utils.views import walkthrough as wt
 plt.rcParams["figure.dpi"] = 72
 torch.set_grad_enabled(False)  # inference only: no gradients anywhere in this notebook
-with wt._quiet_diffusers():
+with wt.quiet_diffusers():
     pipe = FgBgPipeline.from_pretrained(model_dir, device="cpu")
 ldm = pipe.ldm  # vae, unet, text_encoder, tokenizer, scheduler
 

@@ -18,11 +18,16 @@ SMALL = {"dataset.n_train": 32, "dataset.n_test": 24, "attention.sweep": False,
          "synthesis.background_images": 2, "synthesis.sweep_seeds": 1, "segmentation.steps": 150,
          "segmentation.mixed_precision": "no"}
 # measured on this configuration (seed 0). The U-Nets train in float32 here: at this size (32
-# images, 150 steps) their rows swing by up to ±0.1 with any change of the last bits (bf16 autocast,
-# the default's, moves U-Net(D_s) 0.773 -> 0.662 and U-Net(D, M_pre) 0.544 -> 0.625), so their
-# ±0.05 only holds for bit-reproducible training, which float32 in single-thread processes is.
-EXPECTED = {"auc_roc": 0.992, "M_pre": 0.705, "M_crop": 0.770, "M": 0.848, "unet_M_pre": 0.544,
-            "unet_D_s": 0.773, "unet_D_s_plus_synth": 0.679, "supervised": 0.802}
+# images, 150 steps) their rows swing by up to ±0.1 with any change of the last bits (bf16 autocast
+# moves U-Net(D_s) 0.773 -> 0.662 and U-Net(D, M_pre) 0.544 -> 0.625), so their ±0.05 only holds
+# for bit-reproducible training: float32 in single-thread processes on one kind of CPU. The CPU's
+# vector instructions change float32 kernels' rounding, so the U-Net rows are kept per instruction
+# set (torch.backends.cpu.get_cpu_capability()); the direct rows are the same on both.
+EXPECTED = {"auc_roc": 0.992, "M_pre": 0.705, "M_crop": 0.770, "M": 0.848}
+UNET_EXPECTED = {
+    "AVX512": {"unet_M_pre": 0.544, "unet_D_s": 0.773, "unet_D_s_plus_synth": 0.679, "supervised": 0.802},
+    "AVX2": {"unet_M_pre": 0.634, "unet_D_s": 0.767, "unet_D_s_plus_synth": 0.640, "supervised": 0.830},
+}
 DIRECT, UNET = 0.01, 0.05  # U-Nets train in single-thread processes: the same bits on any CPU count
 
 
@@ -53,8 +58,14 @@ def test_table2_rows(run):
     rows = run[1]["06_evaluation"]["rows"]
     for row in ("M_pre", "M_crop", "M"):
         assert rows[row]["iou"] == pytest.approx(EXPECTED[row], abs=DIRECT), row
+    import torch
+    known = UNET_EXPECTED.get(torch.backends.cpu.get_cpu_capability())
     for row in ("unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised"):
-        assert rows[row]["iou"] == pytest.approx(EXPECTED[row], abs=UNET), row
+        if known is not None:
+            assert rows[row]["iou"] == pytest.approx(known[row], abs=UNET), row
+        else:  # another instruction set: within the measured ones' range
+            values = [v[row] for v in UNET_EXPECTED.values()]
+            assert min(values) - UNET <= rows[row]["iou"] <= max(values) + UNET, row
 
 
 def test_table2_orderings_that_hold_at_this_size(run):

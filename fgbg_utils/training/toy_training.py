@@ -27,14 +27,14 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float = 0.02) -> float:
+def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float = 0.02) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _plan_steps(step_time: float, budget_s: float, max_steps: int) -> int:
+def plan_steps(step_time: float, budget_s: float, max_steps: int) -> int:
     """Steps that fit the budget (at least 100), never more than max_steps."""
     return int(min(max_steps, max(100, budget_s / max(step_time, 1e-3))))
 
@@ -98,7 +98,7 @@ def train_vae(vae, images: np.ndarray, budget_s: float, seed: int, batch: int = 
         oy, ox = torch.randint(size - crop + 1, (2,), generator=g).tolist()
         x = _to_tensor(x_all[idx, oy:oy + crop, ox:ox + crop].numpy())
         for grp in opt.param_groups:
-            grp["lr"] = _cosine_lr(step, total, 100, lr)
+            grp["lr"] = cosine_lr(step, total, 100, lr)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
@@ -110,7 +110,7 @@ def train_vae(vae, images: np.ndarray, budget_s: float, seed: int, batch: int = 
         step += 1
         bar.update()
         if step == 20:
-            total = _plan_steps((time.time() - t0) / 20, budget_s, max_steps)
+            total = plan_steps((time.time() - t0) / 20, budget_s, max_steps)
         if step % 50 == 0:
             curve.append({"step": step, "loss": rec_loss.item(), "t": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{rec_loss.item():.4f}", total=total)
@@ -167,7 +167,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor, 
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
         for grp in opt.param_groups:
-            grp["lr"] = _cosine_lr(step, total, 300, lr)
+            grp["lr"] = cosine_lr(step, total, 300, lr)
         pred = unet(noise_sched.add_noise(z0, noise, t), t,
                     encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
@@ -180,7 +180,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor, 
         running.append(loss.item())
         bar.update()
         if step == 30:
-            total = _plan_steps((time.time() - t0) / 30, budget_s, max_steps)
+            total = plan_steps((time.time() - t0) / 30, budget_s, max_steps)
         if step % 100 == 0:
             curve.append({"step": step, "loss": float(np.mean(running)), "t": round(time.time() - t0, 1)})
             running = []

@@ -12,12 +12,12 @@ def model_maps(image: np.ndarray, models: dict[str, tuple[str, str]], object_wor
     """{label: M̂ at the image's size} for models = {label: (model path, aggregation)}."""
     from fgbg_utils import FgBgPipeline
     from fgbg_utils.runs.params import resolve_input
-    from fgbg_utils.views.walkthrough import _quiet_diffusers
+    from fgbg_utils.views.walkthrough import quiet_diffusers
 
     loaded, out = {}, {}
     for label, (path, aggregation) in models.items():
         if path not in loaded:
-            with _quiet_diffusers():
+            with quiet_diffusers():
                 loaded[path] = FgBgPipeline.from_pretrained(resolve_input(path), device=device)
         maps = loaded[path].attention_maps(image, object_word, prompt, T0=T0, seed=seed,
                                            ids=["compare"], aggregation=aggregation)

@@ -24,7 +24,7 @@ def toy_example(index: int = 0, seed: int = WALKTHROUGH_SEED, size: int = 64):
 
 
 @contextlib.contextmanager
-def _quiet_diffusers():
+def quiet_diffusers():
     """Hide diffusers' load-time notices (e.g. the float32 casting note) while loading."""
     import diffusers.utils.logging as dlog
 
@@ -41,7 +41,7 @@ def load_pipeline(cfg, finetuned: str | Path | None = None):
     otherwise; `finetuned`: a stage-03 folder holding m'."""
     from fgbg_utils import FgBgPipeline
 
-    with _quiet_diffusers():
+    with quiet_diffusers():
         return FgBgPipeline.from_pretrained(cfg.model.path, cfg.model.revision, device=cfg.device,
                                            dtype=cfg.dtype, finetuned=finetuned)
 
