@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fgbg_utils.data import toy
 from fgbg_utils.io import atomic_write_json
-from fgbg_utils.training.toy_training import cosine_lr, plan_steps, encode_latents, generate_corpus
+from fgbg_utils.training.toy_training import clipped_step, cosine_lr, plan_steps, encode_latents, generate_corpus
 
 DIT_ARCH = {"layers": 4, "heads": 4, "head_dim": 16, "text_hidden": 32, "patch_size": 1,
             "qk_norm": "rms_norm"}
@@ -188,14 +188,9 @@ def train_dit(transformer, te1, te2, tokenizer, latents, captions, work: Path, b
         ids[torch.rand(batch, generator=g) < caption_dropout] = empty
         for grp in opt.param_groups:
             grp["lr"] = cosine_lr(step, total, 300, lr)
-        loss = flow_loss(transformer, te1, te2, latents[idx], ids, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(transformer.parameters())
+        running.append(clipped_step(opt, flow_loss(transformer, te1, te2, latents[idx], ids, g),
+                                    params, ema, transformer))
         step += 1
-        running.append(loss.item())
         if not meta["planned"] and step == meta["step"] + 30:
             total = plan_steps((time.time() - t0) / 30, budget_s - done_before, max_steps) + meta["step"]
             meta["planned"] = True

@@ -34,6 +34,16 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float = 0.
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def clipped_step(opt, loss, params, ema, model) -> float:
+    """One optimizer step with the gradient norm clipped to 1 and the EMA updated; the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.step(model.parameters())
+    return loss.item()
+
+
 def plan_steps(step_time: float, budget_s: float, max_steps: int) -> int:
     """Steps that fit the budget (at least 100), never more than max_steps."""
     return int(min(max_steps, max(100, budget_s / max(step_time, 1e-3))))
@@ -170,14 +180,8 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor, 
             grp["lr"] = cosine_lr(step, total, 300, lr)
         pred = unet(noise_sched.add_noise(z0, noise, t), t,
                     encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(unet.parameters())
+        running.append(clipped_step(opt, F.mse_loss(pred, noise), params, ema, unet))
         step += 1
-        running.append(loss.item())
         bar.update()
         if step == 30:
             total = plan_steps((time.time() - t0) / 30, budget_s, max_steps)
