@@ -13,6 +13,7 @@ import torch
 from fgbg_utils.core import attention, families, joint_attention, models
 from fgbg_utils.core.attention import AttentionStore
 from fgbg_utils.core.pipeline import FgBgPipeline
+from fgbg_utils.runs.params import PROJECT_ROOT
 from tests.fixtures.make_tiny_families import tiny_family
 
 PROMPT = "a photo of a hummingbird"
@@ -154,6 +155,30 @@ def test_token_positions_from_each_tokenizer(pipe):
         assert info["photo"]["positions"] == [1]
     if fam == "sdxl":
         assert info["hummingbird"]["positions"] == [5] and not info["hummingbird"]["split"]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_max_sequence_length_sets_the_t5_tokens(family, tmp_path):
+    """`model.max_sequence_length`: the joint sequence holds that many T5 tokens, the object's
+    positions stay inside it, and the maps still come out; through the params like a run loads m."""
+    from fgbg_utils import load_params
+    from fgbg_utils.stages.common import load_pipeline
+
+    folder = str(tiny_family(family))
+    cfg = load_params(PROJECT_ROOT / "params" / f"{family}.yaml",
+                      {"model.path": folder, "model.max_sequence_length": 8, "device": "cpu",
+                       "dtype": "float32"}, run_dir=str(tmp_path))
+    pipe = load_pipeline(cfg)
+    cond = families.encode_condition(pipe.ldm, PROMPT)
+    assert cond.emb.shape[1] == (77 + 8 if family == "sd3" else 8)
+    assert families.encode_condition(FgBgPipeline.from_pretrained(folder, device="cpu").ldm,
+                                     PROMPT).emb.shape[1] == (77 + 256 if family == "sd3" else 512)
+    positions = pipe.describe_words(PROMPT, ["hummingbird"])["hummingbird"]["positions"]
+    assert positions == ([5, 81, 82] if family == "sd3" else [4, 5])
+    maps = pipe.attention_maps(np.zeros((16, 16, 3), np.uint8), "hummingbird", T0=2, grid_steps=4)
+    assert np.isfinite(maps.mhat_raw).all() and maps.token_positions["hummingbird"] == positions
+    with pytest.raises(Exception, match="max_sequence_length"):
+        load_params(PROJECT_ROOT / "params" / f"{family}.yaml", {"model.max_sequence_length": 0})
 
 
 def test_noise_levels_follow_the_scheduler(pipe):
@@ -333,3 +358,6 @@ def test_layer_selection_in_the_fingerprint_only_when_set():
     assert "layers" not in default["attention"]
     chosen = stage_params(load_params(toy, {"attention.layers": ["up_blocks.*"]}), "01")
     assert chosen["attention"]["layers"] == ["up_blocks.*"] and fingerprint(chosen) != fingerprint(default)
+    assert "max_sequence_length" not in default["model"]
+    t5 = stage_params(load_params(toy, {"model.max_sequence_length": 77}), "01")
+    assert t5["model"]["max_sequence_length"] == 77 and fingerprint(t5) != fingerprint(default)

@@ -68,8 +68,9 @@ def pipeline_class(family: str):
 
 
 def load_family(family: str, path: str, revision: str | None = None, device: str = "auto",
-                dtype: str = "float32") -> LDM:
-    """SDXL / SD3 / Flux with the family's diffusers pipeline `from_pretrained`, as an `LDM`."""
+                dtype: str = "float32", max_sequence_length: int | None = None) -> LDM:
+    """SDXL / SD3 / Flux with the family's diffusers pipeline `from_pretrained`, as an `LDM`;
+    `max_sequence_length`: T5 tokens in the joint sequence (None: the pipeline's default)."""
     dev = models.pick_device(device)
     torch_dtype, _ = models.resolve_dtypes(dtype, dev)
     kw = {"revision": revision} if revision else {}
@@ -95,7 +96,7 @@ def load_family(family: str, path: str, revision: str | None = None, device: str
                    "sd3": ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")}[family]
     extras = {n: getattr(pipe, n) for n in extra_names}
     if family in FLOW:
-        extras["max_sequence_length"] = MAX_SEQUENCE_LENGTH[family]
+        extras["max_sequence_length"] = int(max_sequence_length or MAX_SEQUENCE_LENGTH[family])
     if family == "sd3" and extras["text_encoder_3"] is None:
         extras["max_sequence_length"] = 0  # no T5 encoder: no T5 tokens (not 256 zero rows), the toy DiT's layout
     for module in (denoiser, pipe.vae, pipe.text_encoder,

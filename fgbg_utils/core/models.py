@@ -72,20 +72,22 @@ def resolve_dtypes(dtype: str, device: torch.device) -> tuple[torch.dtype, torch
 
 
 def load_ldm(path: str, revision: str | None = None, device: str = "auto",
-             dtype: str = "float32", config: str | None = None) -> LDM:
+             dtype: str = "float32", config: str | None = None,
+             max_sequence_length: int | None = None) -> LDM:
     """Load VAE, UNet, text encoder, tokenizer and a DDIM scheduler with `from_pretrained`.
 
     The scheduler is ``DDIMScheduler`` built from the model's own scheduler config, so
     ``prediction_type`` (epsilon for SD 1.x, v_prediction for SD 2.x 768) carries through to every
     scheduler core derives from it. `dtype`: see :func:`resolve_dtypes`. A `.safetensors`/`.ckpt`
     path is a single-file checkpoint: see `core.single_file` (`config` = `model.config`, the local
-    diffusers folder with its configs)."""
+    diffusers folder with its configs). `max_sequence_length`: SD3 / Flux T5 tokens (None: the
+    pipeline's default)."""
     from fgbg_utils.core import families, single_file
     if single_file.is_single_file(path):
         return single_file.load_single_file(path, config, device, dtype)
     family = families.detect_family(path, revision)
     if family != "sd":
-        return families.load_family(family, path, revision, device, dtype)
+        return families.load_family(family, path, revision, device, dtype, max_sequence_length)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 

@@ -221,11 +221,13 @@ class FgBgPipeline:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, revision: str | None = None, device: str = "auto",
                         dtype: str = "float32", finetuned: str | Path | None = None,
-                        config: str | None = None) -> FgBgPipeline:
+                        config: str | None = None, max_sequence_length: int | None = None) -> FgBgPipeline:
         """Load m with `models.load_ldm` (a diffusers folder, hub id, or single .safetensors/.ckpt
         file with `config` = its local diffusers config folder); `finetuned`: a stage-03 output
-        folder holding m'."""
-        pipe = cls(models.load_ldm(str(path_or_hub_id), revision, device, dtype, config=config))
+        folder holding m'; `max_sequence_length`: SD3 / Flux T5 tokens (None: the pipeline's
+        default, 256 / 512)."""
+        pipe = cls(models.load_ldm(str(path_or_hub_id), revision, device, dtype, config=config,
+                                   max_sequence_length=max_sequence_length))
         return pipe.with_finetuned(finetuned) if finetuned is not None else pipe
 
     def with_finetuned(self, tuned: LDM | str | Path) -> FgBgPipeline:

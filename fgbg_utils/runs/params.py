@@ -38,6 +38,9 @@ class ModelParams(Section):
     path: str = P("models/toy-ldm", "hub id, local diffusers folder, or single .safetensors/.ckpt file of the pretrained model")
     revision: Optional[str] = P(None, "hub revision (pin it for real models)")
     config: Optional[str] = P(None, "single-file checkpoints: local diffusers folder with the model's configs (no network)")
+    max_sequence_length: Optional[int] = P(None, "SD3 / Flux: T5 tokens in the joint text sequence; null = "
+                                           "the pipeline's default (SD3 256, Flux 512); SD and SDXL (no T5) "
+                                           "ignore it", ge=1, le=512)
 
 
 class DatasetParams(Section):

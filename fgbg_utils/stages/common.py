@@ -22,7 +22,8 @@ def load_pipeline(cfg, finetuned: bool = False) -> FgBgPipeline:
 
     tuned = Path(cfg.run_dir) / stage("03").name if finetuned else None
     return FgBgPipeline.from_pretrained(cfg.model.path, cfg.model.revision, cfg.device, cfg.dtype,
-                                        finetuned=tuned, config=cfg.model.config)
+                                        finetuned=tuned, config=cfg.model.config,
+                                        max_sequence_length=cfg.model.max_sequence_length)
 
 
 def groups(ids: list, size: int) -> list[list]:

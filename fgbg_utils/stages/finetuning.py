@@ -59,7 +59,8 @@ def run(cfg, force: bool = False, progress: bool = True, evaluate: bool = True) 
             (out / name).unlink(missing_ok=True)
         metrics_path(cfg, "03").unlink(missing_ok=True)
     shards.wait()
-    ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, "float32", config=cfg.model.config)
+    ldm = models.load_ldm(cfg.model.path, cfg.model.revision, cfg.device, "float32", config=cfg.model.config,
+                          max_sequence_length=cfg.model.max_sequence_length)
     items = training_items(cfg, ldm)
     summary = finished_training(out, fcfg) or train(ldm, items, fcfg, out, resume=True, progress=progress)
     from accelerate import PartialState

@@ -48,7 +48,8 @@ def _portable(value):
 
 # Parameters added after run folders existed, left out of the fingerprints while at their default
 # (the behaviour before they existed), so those folders resume: {section: {name: default}}.
-LATE_DEFAULTS = {"attention": {"layers": None, "aggregation": "cross", "concepts": ["background"]}}
+LATE_DEFAULTS = {"attention": {"layers": None, "aggregation": "cross", "concepts": ["background"]},
+                 "model": {"max_sequence_length": None}}
 
 
 def _without_late_defaults(key: str, value):

@@ -43,7 +43,8 @@ def load_pipeline(cfg, finetuned: str | Path | None = None):
 
     with quiet_diffusers():
         return FgBgPipeline.from_pretrained(cfg.model.path, cfg.model.revision, device=cfg.device,
-                                           dtype=cfg.dtype, finetuned=finetuned)
+                                           dtype=cfg.dtype, finetuned=finetuned, config=cfg.model.config,
+                                           max_sequence_length=cfg.model.max_sequence_length)
 
 
 def finetuned_folder(cfg) -> Path | None:
