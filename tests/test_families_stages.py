@@ -80,3 +80,24 @@ def test_stages_01_to_06(family, photos, tmp_path):
     out = _masks(folders[0])
     assert set(out) == set(readable)  # one mask per readable photo, at its own size
     assert all(out[k].shape == tuple(readable[k]["shape"]) for k in out)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lora_finetuning_of_a_transformer(family, photos, tmp_path):
+    """`finetune.mode: lora` on SD3's and Flux's transformers: only the adapter trains (its B
+    matrices leave zero), it is saved alone, and stage 04 refines with m' = m + adapter."""
+    from safetensors.torch import load_file
+
+    root, readable = photos
+    cfg = load_params(FOLDER, {**TINY, "model": {"path": str(tiny_family(family))},
+                               "dataset": {"root": str(root)},
+                               "finetune": {**TINY["finetune"], "mode": "lora", "lora_rank": 2}},
+                      run_dir=str(tmp_path / "run"))
+    for stage in (s01, s02, s03, s04):
+        stage.run(cfg, progress=False)
+    out = Path(cfg.run_dir) / "03_finetuning"
+    assert (out / "lora" / "adapter_config.json").exists() and not (out / "unet").exists()
+    weights = load_file(out / "lora" / "adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
+    assert set(_masks(Path(cfg.run_dir) / "04_refinement" / "refined")) == set(readable)
