@@ -92,20 +92,7 @@ def test_static_notebook_drops_scripts():
     assert nb.cells[0].outputs[0]["data"]["application/javascript"]  # the input is not changed
 
 
-def test_cli_run_injects_relative_parameters(tmp_path):
-    """A real run of stage 01: the injected cell holds the parameters with project-relative paths."""
-    from fgbg_utils.runs.cli import main
-
-    out = tmp_path / "run"
-    assert main(["run", str(PROJECT_ROOT / "params" / "toy.yaml"), "--set", "dataset.n_train=2",
-                 "--set", "dataset.n_test=2", "--set", "T0=5", "--stages", "01", "--out", str(out)]) == 0
-    nb = nbformat.read(out / "notebooks" / "01_attention_maps.ipynb", as_version=4)
-    injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
-    assert 'params_file = "params/toy.yaml"' in injected.source and "T0 = 5" in injected.source
-    assert 'model = {"path": "models/toy-ldm"' in injected.source and "overrides" not in injected.source
-    assert str(PROJECT_ROOT) not in injected.source
-    page = write_report(out).read_text()
-    assert "<script" not in page and "<math" in page
+# A real CLI run's injected parameters cell and its report: tests/test_runs.py::test_cli_run_writes_run_folder
 
 
 def _browser():

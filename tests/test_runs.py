@@ -76,3 +76,15 @@ def test_cli_run_writes_run_folder(tmp_path):
     for base in ("all_foreground", "center_disc"):
         assert {"acc", "iou", "miou", "iou_per_image", "dice_per_image"} <= set(metrics["baselines"][base])
     assert len(list((out / "02_binarization" / "masks").glob("*.png"))) == 6
+    # the notebooks' injected cell holds the parameters with project-relative paths; the report
+    # of the folder opens offline (no scripts, equations as MathML)
+    import nbformat
+
+    from fgbg_utils.runs.report import write_report
+    nb = nbformat.read(out / "notebooks" / "01_attention_maps.ipynb", as_version=4)
+    injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert 'params_file = "params/toy.yaml"' in injected.source and "T0 = 10" in injected.source
+    assert 'model = {"path": "models/toy-ldm"' in injected.source and "overrides" not in injected.source
+    assert str(PROJECT_ROOT) not in injected.source
+    page = write_report(out).read_text()
+    assert "<script" not in page and "<math" in page
