@@ -10,6 +10,14 @@ pooled vector is 0 and the object can only reach the image through the joint att
 encoder: the joint text sequence is the toy tokenizer's 12 tokens (core.families gives an SD3
 folder without T5 no T5 tokens). The VAE is the toy LDM's (16x16x4 latents); patch size 1.
 
+Why it does not localise (measured on the shipped model, 24 validation images): it hardly uses the
+text, the captions change its loss by ≤ 2 % (σ = 0.9: 0.526 true, 0.528 empty, 0.536 shuffled); the text tokens
+enter at norm 0.6 against the image tokens' 7, and the image content each joint block writes into
+the text stream makes every word the same (cosine 0.985 between the words' states after block 1),
+so every word gets the same attention map. Token embeddings drawn at std 1 instead of CLIP's 0.02
+keep the words apart (cosine 0.07 into block 0, 0.6 into block 3) but, after 2,000 steps, the
+model still ignores the text (validation AUC 0.37 to 0.40): not adopted.
+
 Training: z_t = (1 - σ) z0 + σ ε, velocity target ε - z0, σ uniform, timestep 1000 σ (as the SD3
 pipeline calls it), EMA of the transformer; the steps are planned from the measured step time;
 a resumable training state (safetensors) is written every few minutes, EMA snapshots too, and the
