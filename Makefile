@@ -28,17 +28,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# --no-compile: Python compiles only the modules it imports, on first import (pip's byte-compiling
-# of every installed file took 125 of the install's 160 s here)
 $(INSTALLED): requirements.txt pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q --no-compile -r requirements.txt
+	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(TEST_INSTALLED): requirements-test.txt $(INSTALLED)
-	$(BIN)/python -m pip install -q --no-compile -r requirements-test.txt
+	$(BIN)/python -m pip install -q -r requirements-test.txt
 # only for its CLIP BPE file (tests/fixtures/real_clip.py); --no-deps: no torchvision, no CUDA torch
-	$(BIN)/python -m pip install -q --no-compile --no-deps open-clip-torch==3.3.0
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $@
 
 install: $(INSTALLED)
@@ -54,7 +52,7 @@ test: $(TEST_INSTALLED)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(NBVAL) --nbval-lax --nbval-current-env
 
 $(LAB_INSTALLED): requirements-lab.txt $(INSTALLED)
-	$(BIN)/python -m pip install -q --no-compile -r requirements-lab.txt
+	$(BIN)/python -m pip install -q -r requirements-lab.txt
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)"
 	touch $@
 

