@@ -87,12 +87,19 @@ def test_kill_9_of_the_main_process_mid_stage_03_and_06_leaves_no_worker(tmp_pat
     assert files(out) == after_kill
 
 
+# serial: in three full runs of the suite on two xdist workers this Ctrl-C was swallowed (the run,
+# still alive when signalled, went on and exited 0) while the other worker ran the end-to-end run;
+# alone, and under three CPU burners, it passes. `make test` runs the serial tests after the rest.
+@pytest.mark.serial
 def test_ctrl_c_is_one_line_marks_the_manifest_and_resumes(tmp_path):
     out = tmp_path / "run"
-    sets = {**TINY, "dataset.n_train": 4, "T0": 25}
+    # enough work that the interrupt lands mid-stage even when this process is starved (under a
+    # loaded xdist worker the 4-image stage could finish, and the run exit 0, before the signal)
+    sets = {**TINY, "dataset.n_train": 24, "T0": 25}
     proc, tag = start(out, sets, "--stages", "01", "--jobs", "1")
     wait_for(lambda: unfinished(out / "01_attention_maps" / "stage.json"), proc, 300)
     time.sleep(1)
+    assert proc.poll() is None, "the run finished before the interrupt could be sent"
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -63,7 +63,9 @@ def test_cli_run_writes_run_folder(tmp_path):
 
     out = tmp_path / "run"
     sets = sum([["--set", f"{k}={v}"] for k, v in TINY.items()], [])
-    assert main(["run", str(TOY), *sets, "--stages", "01,02", "--out", str(out)]) == 0
+    # --jobs 1: the stages compute in the notebooks (the job workers are tested by test_end_to_end
+    # and test_schedule; here they would only add their start-up)
+    assert main(["run", str(TOY), *sets, "--stages", "01,02", "--out", str(out), "--jobs", "1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["T0"] == 10 and manifest["seeds"]["seed"] == 0
     assert manifest["versions"]["diffusers"] and "commit" in manifest["git"]
