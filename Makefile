@@ -46,12 +46,10 @@ demo: $(INSTALLED)
 	$(BIN)/python -m fgbg_utils report runs/toy
 
 # TEST_WORKERS pytest-xdist processes (one torch thread each); --dist loadfile keeps each test file,
-# and each notebook's nbval cells (one kernel), on one worker; TEST_WORKERS=0 runs in this process.
-# Tests marked serial (timing-sensitive) run afterwards, alone.
+# and each notebook's nbval cells (one kernel), on one worker; TEST_WORKERS=0 runs in this process
 TEST_WORKERS ?= 2
 test: $(TEST_INSTALLED)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial" tests $(NBVAL) --nbval-lax --nbval-current-env
-	$(BIN)/python -m pytest -q -m serial tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(NBVAL) --nbval-lax --nbval-current-env
 
 $(LAB_INSTALLED): requirements-lab.txt $(INSTALLED)
 	$(BIN)/python -m pip install -q -r requirements-lab.txt
