@@ -16,6 +16,12 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED := 0
+# pip installs without byte-compiling (it spent 125 of the install's 160 s compiling every file);
+# each module's .pyc is written at its first import instead (so PYTHONDONTWRITEBYTECODE, which some
+# shells set, is unset here), and `make test` first imports what the suite uses in one process, so
+# that its parallel processes do not each compile the same modules
+unexport PYTHONDONTWRITEBYTECODE
+PIP := $(BIN)/python -m pip install -q --no-compile
 
 INSTALLED      := $(VENV)/.installed-runtime
 TEST_INSTALLED := $(VENV)/.installed-test
@@ -26,17 +32,17 @@ NBVAL := notebooks/00b_diffusion_primer.ipynb $(sort $(wildcard notebooks/0[1-9]
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) --upgrade pip
 
 $(INSTALLED): requirements.txt pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -r requirements.txt
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
 $(TEST_INSTALLED): requirements-test.txt $(INSTALLED)
-	$(BIN)/python -m pip install -q -r requirements-test.txt
+	$(PIP) -r requirements-test.txt
 # only for its CLIP BPE file (tests/fixtures/real_clip.py); --no-deps: no torchvision, no CUDA torch
-	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
+	$(PIP) --no-deps open-clip-torch==3.3.0
 	touch $@
 
 install: $(INSTALLED)
@@ -49,10 +55,11 @@ demo: $(INSTALLED)
 # and each notebook's nbval cells (one kernel), on one worker; TEST_WORKERS=0 runs in this process
 TEST_WORKERS ?= 2
 test: $(TEST_INSTALLED)
+	$(BIN)/python tools/warm_imports.py
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(NBVAL) --nbval-lax --nbval-current-env
 
 $(LAB_INSTALLED): requirements-lab.txt $(INSTALLED)
-	$(BIN)/python -m pip install -q -r requirements-lab.txt
+	$(PIP) -r requirements-lab.txt
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)"
 	touch $@
 

@@ -16,18 +16,21 @@ SMALL = {"dataset.n_train": 32, "dataset.n_test": 24, "attention.sweep": False,
          "finetune.max_train_steps": 300, "finetune.eval_samples": 2, "finetune.eval_steps": 10,
          "refinement.steps": 25, "synthesis.n_images": 16, "synthesis.steps": 25,
          "synthesis.background_images": 2, "synthesis.sweep_seeds": 1, "segmentation.steps": 150,
-         "segmentation.mixed_precision": "no"}
+         "segmentation.base_width": 8, "segmentation.mixed_precision": "no"}
 # measured on this configuration (seed 0). The U-Nets train in float32 here: at this size (32
-# images, 150 steps) their rows swing by up to ±0.1 with any change of the last bits (bf16 autocast
-# moves U-Net(D_s) 0.773 -> 0.662 and U-Net(D, M_pre) 0.544 -> 0.625), so their ±0.05 only holds
-# for bit-reproducible training: float32 in single-thread processes on one kind of CPU. The CPU's
-# vector instructions change float32 kernels' rounding, so the U-Net rows are kept per instruction
-# set (torch.backends.cpu.get_cpu_capability()); the direct rows are the same on both.
+# images, 150 steps, base width 8: a quarter of the default's convolution cost, which kept the suite
+# within its time) their rows swing by up to ±0.1 with any change of the last bits (bf16 autocast
+# moved U-Net(D_s) 0.773 -> 0.662 at base width 16), so their ±0.05 only holds for bit-reproducible
+# training: float32 in single-thread processes on one kind of CPU. The CPU's vector instructions
+# change float32 kernels' rounding, so the U-Net rows are kept per instruction set
+# (torch.backends.cpu.get_cpu_capability()); the direct rows are the same on every CPU measured.
+# On an instruction set not measured yet (AVX512 was, at base width 16: 0.544 / 0.773 / 0.679 /
+# 0.802) the rows are checked against a wide range and by the orderings below.
 EXPECTED = {"auc_roc": 0.992, "M_pre": 0.705, "M_crop": 0.770, "M": 0.848}
 UNET_EXPECTED = {
-    "AVX512": {"unet_M_pre": 0.544, "unet_D_s": 0.773, "unet_D_s_plus_synth": 0.679, "supervised": 0.802},
-    "AVX2": {"unet_M_pre": 0.634, "unet_D_s": 0.767, "unet_D_s_plus_synth": 0.640, "supervised": 0.830},
+    "AVX2": {"unet_M_pre": 0.530, "unet_D_s": 0.693, "unet_D_s_plus_synth": 0.750, "supervised": 0.736},
 }
+UNET_RANGE = (0.4, 0.95)  # an instruction set without measured rows
 DIRECT, UNET = 0.01, 0.05  # U-Nets train in single-thread processes: the same bits on any CPU count
 
 
@@ -63,9 +66,8 @@ def test_table2_rows(run):
     for row in ("unet_M_pre", "unet_D_s", "unet_D_s_plus_synth", "supervised"):
         if known is not None:
             assert rows[row]["iou"] == pytest.approx(known[row], abs=UNET), row
-        else:  # another instruction set: within the measured ones' range
-            values = [v[row] for v in UNET_EXPECTED.values()]
-            assert min(values) - UNET <= rows[row]["iou"] <= max(values) + UNET, row
+        else:  # another instruction set: a wide range, and the orderings of the next test
+            assert UNET_RANGE[0] <= rows[row]["iou"] <= UNET_RANGE[1], row
 
 
 def test_table2_orderings_that_hold_at_this_size(run):

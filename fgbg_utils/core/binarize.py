@@ -4,7 +4,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.mixture import GaussianMixture
 
 
 def _is_degenerate(values: np.ndarray) -> bool:
@@ -27,6 +26,8 @@ def gmm_threshold(
     x = x[np.isfinite(x)]
     if _is_degenerate(x):
         return None
+    from sklearn.mixture import GaussianMixture  # here: sklearn + scipy.stats take ~1.5 s to import
+
     gmm = GaussianMixture(n_components=2, random_state=seed).fit(x.reshape(-1, 1))
     lo, hi = sorted(float(m) for m in gmm.means_.reshape(-1))
     return (lo + hi) / 2.0, (lo, hi)
