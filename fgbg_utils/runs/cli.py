@@ -87,6 +87,10 @@ def main(argv=None) -> int:
                    "(then no timed snapshots)")
     t.add_argument("--steps-as-shipped", action="store_true", help="the shipped step counts: VAE "
                    "2323, phase 1 4270, phase 2 10499, snapshots 2153,4320,6497,8693")
+    t.add_argument("--background-fraction", type=float, default=0.15, help="ldm: share of object-free "
+                   "corpus images captioned 'a photo of a background' (0: the model never sees y_b)")
+    t.add_argument("--vae-from", help="ldm: keep this toy model's VAE, train phase 1's UNet and text "
+                   "encoder from scratch")
     t.add_argument("--init-from", help="skip phase 1 and continue from this toy model folder")
     t.add_argument("--select-on-validation", action=argparse.BooleanOptionalAction, default=True,
                    help="pick the phase-2 snapshot with the best M_pre IoU on the validation world "
@@ -175,6 +179,7 @@ def main(argv=None) -> int:
                              vae_minutes=args.vae_minutes, phase1_minutes=args.phase1_minutes,
                              phase2_minutes=args.phase2_minutes, snapshot_minutes=timed,
                              init_from=args.init_from, select_on_validation=args.select_on_validation,
+                             background_fraction=args.background_fraction, vae_from=args.vae_from,
                              **steps)
     except (ParamsError, DatasetError, ModelError, StageError, TokenError) as e:
         print(f"error: {e}", file=sys.stderr)

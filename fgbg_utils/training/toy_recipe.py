@@ -77,24 +77,26 @@ def train_toy_recipe(out_dir: str | Path = "models/toy-ldm", work_dir: str | Pat
                      phase2_steps: int | None = None, snapshot_minutes: float | None = 10,
                      snapshot_steps=(), init_from: str | Path | None = None,
                      select_on_validation: bool = True, validation: dict | None = None,
-                     heldout_images: int = 256, log=print) -> dict:
+                     heldout_images: int = 256, background_fraction: float = 0.15,
+                     vae_from: str | Path | None = None, log=print) -> dict:
     """Train phase 1 (unless ``init_from`` names a phase-1 model), phase 2 with snapshots, select
     a snapshot on the validation world (or take the last weights), and write the pipeline and its
     training_info.json to ``out_dir``. ``work_dir`` keeps phase1/, phase2_snapshots/,
     phase2_final/ and validation/. ``validation``: extra parameter overrides of the validation
-    run (e.g. fewer images in tests); ``heldout_images``: images of the VAE's PSNR check.
+    run (e.g. fewer images in tests); ``heldout_images``: images of the VAE's PSNR check;
+    ``background_fraction`` and ``vae_from``: see ``train_toy_model`` (phase 1 takes ``vae_from``).
     Returns the training_info written."""
     started = time.time()
     out, work = Path(out_dir), Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     common = dict(n_images=n_images, image_size=image_size, threads=threads,
-                  heldout_images=heldout_images, log=log)
+                  heldout_images=heldout_images, background_fraction=background_fraction, log=log)
     if init_from is None:
         log("phase 1: generator v1 (objects fully inside)")
         init_from = work / "phase1"
         train_toy_model(init_from, seed=phase1_seed, vae_minutes=vae_minutes,
                         unet_minutes=phase1_minutes, generator=1, vae_steps=vae_steps,
-                        unet_steps=phase1_steps, snapshot_every_s=None, **common)
+                        unet_steps=phase1_steps, snapshot_every_s=None, vae_from=vae_from, **common)
     log(f"phase 2: generator v2 (objects may cross the border), continued from {init_from}")
     snaps, final = work / "phase2_snapshots", work / "phase2_final"
     shutil.rmtree(snaps, ignore_errors=True)
@@ -135,7 +137,8 @@ def train_toy_recipe(out_dir: str | Path = "models/toy-ldm", work_dir: str | Pat
     info["total_minutes"] = round(sum(minutes), 1)  # training time up to the shipped weights
     info["recipe"] = {
         "n_images": n_images, "image_size": image_size, "threads": threads,
-        "heldout_images": heldout_images,
+        "heldout_images": heldout_images, "background_fraction": background_fraction,
+        "vae_from": None if vae_from is None else str(vae_from),
         "phase1": {"seed": phase1_seed, "generator": 1, "vae_minutes": vae_minutes,
                    "unet_minutes": phase1_minutes, "vae_steps": vae_steps, "unet_steps": phase1_steps},
         "phase2": {"seed": phase2_seed, "generator": 2, "unet_minutes": phase2_minutes,

@@ -229,8 +229,12 @@ def train_toy_model(out_dir: str | Path, n_images: int = 20_000, seed: int = 100
                     init_from: str | Path | None = None, generator: int = toy.GENERATOR_VERSION,
                     vae_steps: int | None = None, unet_steps: int | None = None,
                     snapshot_every_s: float | None = 600, snapshot_steps=(),
-                    heldout_images: int = 256) -> dict:
+                    heldout_images: int = 256, background_fraction: float = 0.15,
+                    vae_from: str | Path | None = None) -> dict:
     """Make the toy corpus, train VAE then UNet+text encoder, save the pipeline to out_dir.
+    ``background_fraction``: share of object-free images captioned "a photo of a background" (0:
+    the model never sees that caption, as SD never saw a dataset's backgrounds). ``vae_from``: take
+    the (trained) VAE of that toy model folder and train only the UNet and text encoder, from scratch.
     With `init_from`, continue from an earlier toy model (its VAE is kept when vae_minutes=0 and
     vae_steps is None). ``vae_steps`` / ``unet_steps`` fix the step counts (the cosine schedules
     span them) instead of planning them from the minutes. Periodic EMA snapshots (every
@@ -239,17 +243,20 @@ def train_toy_model(out_dir: str | Path, n_images: int = 20_000, seed: int = 100
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     started = time.time()
-    images, _, captions, _ = generate_corpus(n_images, seed, image_size, 0.15, generator)
+    images, _, captions, _ = generate_corpus(n_images, seed, image_size, background_fraction, generator)
     vae, unet, text_encoder, tokenizer, scheduler = toy.build_models(image_size, seed)
     earlier = None
     if init_from:
         vae, unet, text_encoder, earlier = _load_init(init_from)
-    train_the_vae = vae_steps is None and vae_minutes > 0 or bool(vae_steps)
+    elif vae_from:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae")
+    train_the_vae = not vae_from and (vae_steps is None and vae_minutes > 0 or bool(vae_steps))
     if train_the_vae:
         vae_info = (train_vae(vae, images, math.inf, seed, max_steps=vae_steps, log=log) if vae_steps
                     else train_vae(vae, images, vae_minutes * 60, seed, log=log))
     else:
-        vae_info = {"steps": 0, "note": f"kept from {init_from}"}
+        vae_info = {"steps": 0, "note": f"kept from {init_from or vae_from}"}
     vae.eval().requires_grad_(False)
     raw = encode_latents(vae, images)
     if train_the_vae:
@@ -260,7 +267,8 @@ def train_toy_model(out_dir: str | Path, n_images: int = 20_000, seed: int = 100
     log(f"VAE: {vae_info['steps']} steps, held-out PSNR {vae_info['psnr_db_heldout']} dB, "
         f"scaling_factor {vae.config.scaling_factor:.4f}")
     info = {"seed": seed, "n_images": n_images, "image_size": image_size, "threads": threads,
-            "generator_version": generator, "arch": toy.TOY_ARCH, "vae": vae_info,
+            "generator_version": generator, "background_fraction": background_fraction,
+            "arch": toy.TOY_ARCH, "vae": vae_info,
             "continued_from": earlier}
     unet_started = time.time()
 
