@@ -164,3 +164,32 @@ def test_novel_backgrounds_are_kinds_the_toy_ldm_never_saw(tmp_path):
     cfg.dataset.root, novel.dataset.root = str(tmp_path / "a"), str(tmp_path / "b")
     a, b = dataset_root(cfg), dataset_root(novel)
     assert (a / "images" / "00000.png").read_bytes() != (b / "images" / "00000.png").read_bytes()
+
+
+def test_a_toy_ldm_that_never_sees_the_background_caption(tmp_path):
+    """train-toy --background-fraction 0 --vae-from: no corpus caption names the background, the
+    VAE is the given model's bit for bit, only UNet and text encoder train, the options are recorded."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fgbg_utils.runs import cli
+    from fgbg_utils.training import toy_recipe
+    from fgbg_utils.training.toy_training import generate_corpus, train_toy_model
+
+    for generator in (1, 2):
+        with_bg = generate_corpus(200, 7, 32, 0.15, generator)[2]
+        assert any("background" in c for c in with_bg)
+        assert not any("background" in c for c in generate_corpus(200, 7, 32, 0.0, generator)[2])
+    torch.set_num_threads(1)
+    shipped = PROJECT_ROOT / "models" / "toy-ldm"
+    info = train_toy_model(tmp_path / "m", n_images=16, unet_steps=2, heldout_images=4, background_fraction=0.0,
+                           vae_from=shipped, snapshot_every_s=None, log=lambda s: None)
+    assert info["background_fraction"] == 0.0 and info["vae"]["steps"] == 0
+    v = "vae/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "m" / v), load_file(shipped / v)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    seen = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(toy_recipe, "train_toy_recipe", lambda *a, **k: seen.update(k))
+        assert cli.main(["train-toy", "--background-fraction", "0", "--vae-from", "m"]) == 0
+    assert seen["background_fraction"] == 0.0 and seen["vae_from"] == "m"
