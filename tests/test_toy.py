@@ -191,5 +191,6 @@ def test_a_toy_ldm_that_never_sees_the_background_caption(tmp_path):
     seen = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(toy_recipe, "train_toy_recipe", lambda *a, **k: seen.update(k))
-        assert cli.main(["train-toy", "--background-fraction", "0", "--vae-from", "m"]) == 0
-    assert seen["background_fraction"] == 0.0 and seen["vae_from"] == "m"
+        assert cli.main(["train-toy", "--vae-from", str(tmp_path / "nowhere")]) == 2 and not seen
+        assert cli.main(["train-toy", "--background-fraction", "0", "--vae-from", str(shipped)]) == 0
+    assert seen["background_fraction"] == 0.0 and seen["vae_from"] == str(shipped)
