@@ -178,7 +178,8 @@ def main(argv=None) -> int:
             if args.vae_from and not (Path(args.vae_from) / "vae").is_dir():
                 raise ModelError(f"--vae-from {args.vae_from}: no vae/ folder there; give a toy model "
                                  f"folder such as models/toy-ldm")
-            train_toy_recipe(args.out or "models/toy-ldm", args.work or "work_toy", n_images=args.n_images, threads=args.threads,
+            train_toy_recipe(args.out or "models/toy-ldm", args.work or "work_toy", n_images=args.n_images,
+                             threads=args.threads,
                              vae_minutes=args.vae_minutes, phase1_minutes=args.phase1_minutes,
                              phase2_minutes=args.phase2_minutes, snapshot_minutes=timed,
                              init_from=args.init_from, select_on_validation=args.select_on_validation,
