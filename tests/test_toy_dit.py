@@ -67,6 +67,33 @@ def test_train_toy_dit_writes_a_loadable_folder(tmp_path):
     assert pipe.attention_maps(img, "shape", T0=2).mhat.shape == (1, 16, 16)
 
 
+def test_train_toy_dit_options_reach_the_model_and_its_recipe(tmp_path):
+    """--dit-patch-size 2, --dit-token-std 1 and SD3's logit-normal σ: in the folder, the recipe and the maps."""
+    from fgbg_utils import FgBgPipeline
+    from fgbg_utils.runs.cli import main
+    from fgbg_utils.training import toy_dit
+
+    out, work = tmp_path / "dit", tmp_path / "work"
+    rc = main(["train-toy", "--model", "dit", "--out", str(out), "--work", str(work), "--n-images", "24",
+               "--dit-steps", "2", "--no-select-on-validation", "--dit-patch-size", "2",
+               "--dit-token-std", "1", "--dit-sigma", "logit_normal", "--dit-logit-mean", "0.5"])
+    assert rc in (0, None)
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["arch"]["patch_size"] == 2 and info["arch"]["token_std"] == 1.0
+    assert info["recipe"]["sigma"].startswith("logit-normal: σ = sigmoid(N(0.5, 1.0")
+    pipe = FgBgPipeline.from_pretrained(str(out), device="cpu")
+    assert pipe.ldm.unet.config.patch_size == 2
+    words = pipe.ldm.text_encoder.text_model.embeddings.token_embedding.weight
+    assert 0.7 < float(words.std()) < 1.3  # drawn at std 1 (two steps of lr 1e-3 cannot move it far)
+    img = toy.generate_arrays(1, seed=1)[0][0]
+    mhat = pipe.attention_maps(img, "shape", T0=2).mhat
+    assert mhat.shape == (1, 16, 16)  # the latent grid, as for every family
+    blocks = mhat.reshape(1, 8, 2, 8, 2)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()  # constant on the 8x8 patch grid's 2x2 cells
+    default = toy_dit.build_dit_models(0)[1].text_model.embeddings.token_embedding.weight
+    assert 0.015 < float(default.std()) < 0.025  # CLIP's own init: the shipped recipe is unchanged
+
+
 def test_model_folder_check_follows_the_family(tmp_path):
     import shutil
 

@@ -74,6 +74,12 @@ def main(argv=None) -> int:
                    "(default work_toy; dit: work_toy_dit, resumed when a training state is there)")
     t.add_argument("--dit-minutes", type=float, default=35, help="dit: training budget")
     t.add_argument("--dit-steps", type=int, help="dit: fixed training steps (instead of --dit-minutes)")
+    t.add_argument("--dit-patch-size", type=int, default=1, help="dit: patch size on the 16x16 latent")
+    t.add_argument("--dit-token-std", type=float, default=0.02, help="dit: std of the word embeddings "
+                   "at init (CLIP's: 0.02)")
+    t.add_argument("--dit-sigma", choices=["uniform", "logit_normal"], default="uniform",
+                   help="dit: how training draws σ (logit_normal: SD3's, mean --dit-logit-mean, std 1)")
+    t.add_argument("--dit-logit-mean", type=float, default=0.0, help="dit: mean of the logit-normal σ")
     t.add_argument("--n-images", type=int, default=20000, help="training images per phase")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--vae-minutes", type=float, default=10)
@@ -166,7 +172,10 @@ def main(argv=None) -> int:
             train_toy_dit(args.out or "models/toy-dit", args.work or "work_toy_dit", n_images=args.n_images,
                           minutes=args.dit_minutes, steps=args.dit_steps, threads=args.threads,
                           snapshot_minutes=args.snapshot_minutes,
-                          select_on_validation=args.select_on_validation)
+                          select_on_validation=args.select_on_validation,
+                          arch={"patch_size": args.dit_patch_size, "token_std": args.dit_token_std},
+                          sigma_sampling={"weighting_scheme": args.dit_sigma,
+                                          "logit_mean": args.dit_logit_mean, "logit_std": 1.0})
         elif args.cmd == "train-toy":
             from fgbg_utils.training.toy_recipe import SHIPPED_STEPS, train_toy_recipe
             steps = {"vae_steps": args.vae_steps, "phase1_steps": args.phase1_steps,

@@ -41,7 +41,7 @@ from fgbg_utils.io import atomic_write_json
 from fgbg_utils.training.toy_training import clipped_step, cosine_lr, plan_steps, encode_latents, generate_corpus
 
 DIT_ARCH = {"layers": 4, "heads": 4, "head_dim": 16, "text_hidden": 32, "patch_size": 1,
-            "qk_norm": "rms_norm"}
+            "qk_norm": "rms_norm", "token_std": 0.02}
 STATE = "train_state.safetensors"
 STATE_META = "train_state.json"
 
@@ -57,6 +57,8 @@ def _clip(arch: dict):
         bos_token_id=1, eos_token_id=2, projection_dim=h))
     with torch.no_grad():
         te.text_projection.weight.zero_()  # pooled = 0: the object reaches the image by attention only
+        if arch.get("token_std", 0.02) != 0.02:  # CLIP's own init is std 0.02
+            te.text_model.embeddings.token_embedding.weight.normal_(0, arch["token_std"])
     te.text_projection.requires_grad_(False)
     return te
 
@@ -151,9 +153,15 @@ def _load_state(work: Path, modules: dict, ema, opt, gen: torch.Generator) -> di
 
 
 # ----------------------------------------------------------------------------- training
-def flow_loss(transformer, te1, te2, z0, ids, g: torch.Generator) -> torch.Tensor:
-    """Masked-free flow-matching loss: |v(z_t, 1000σ) - (ε - z0)|², σ ~ U(0, 1)."""
-    sigma = torch.rand(len(z0), generator=g)
+def flow_loss(transformer, te1, te2, z0, ids, g: torch.Generator, sigma_sampling: dict | None = None
+              ) -> torch.Tensor:
+    """Masked-free flow-matching loss: |v(z_t, 1000σ) - (ε - z0)|², σ ~ U(0, 1) or, with
+    ``sigma_sampling={"weighting_scheme": "logit_normal", "logit_mean": m, "logit_std": s}``,
+    SD3's logit-normal (diffusers' compute_density_for_timestep_sampling)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    sampling = sigma_sampling or {"weighting_scheme": "uniform"}
+    sigma = compute_density_for_timestep_sampling(batch_size=len(z0), generator=g, **sampling)
     eps = torch.randn(z0.shape, generator=g)
     s = sigma.view(-1, 1, 1, 1)
     emb, pooled = encode_ids(te1, te2, ids)
@@ -165,7 +173,8 @@ def flow_loss(transformer, te1, te2, z0, ids, g: torch.Generator) -> torch.Tenso
 def train_dit(transformer, te1, te2, tokenizer, latents, captions, work: Path, budget_s: float,
               seed: int, batch: int = 32, lr: float = 1e-3, caption_dropout: float = 0.1,
               ema_decay: float = 0.999, max_steps: int = 1_000_000, checkpoint_s: float = 300,
-              snapshot_s: float | None = 600, on_snapshot=None, log=print):
+              snapshot_s: float | None = 600, on_snapshot=None, sigma_sampling: dict | None = None,
+              log=print):
     """Train transformer + text encoders (resuming from ``work`` when a state is there); returns
     (EMA, info). ``on_snapshot(step, ema, curve)`` every ``snapshot_s`` seconds of training."""
     from diffusers.training_utils import EMAModel
@@ -196,7 +205,7 @@ def train_dit(transformer, te1, te2, tokenizer, latents, captions, work: Path, b
         ids[torch.rand(batch, generator=g) < caption_dropout] = empty
         for grp in opt.param_groups:
             grp["lr"] = cosine_lr(step, total, 300, lr)
-        running.append(clipped_step(opt, flow_loss(transformer, te1, te2, latents[idx], ids, g),
+        running.append(clipped_step(opt, flow_loss(transformer, te1, te2, latents[idx], ids, g, sigma_sampling),
                                     params, ema, transformer))
         step += 1
         if not meta["planned"] and step == meta["step"] + 30:
@@ -221,6 +230,13 @@ def train_dit(transformer, te1, te2, tokenizer, latents, captions, work: Path, b
                  "replanned_from": meta.get("replanned_from")}
 
 
+def _sigma_text(sampling: dict | None) -> str:
+    if not sampling or sampling.get("weighting_scheme") == "uniform":
+        return "uniform(0, 1); timestep 1000 σ; target ε − z0"
+    return (f"logit-normal: σ = sigmoid(N({sampling['logit_mean']}, {sampling['logit_std']}²)); "
+            f"timestep 1000 σ; target ε − z0")
+
+
 def _validate(candidates: dict[int, Path], work: Path, validation: dict | None, log) -> dict[int, float]:
     from fgbg_utils.training.toy_recipe import validation_iou
 
@@ -236,7 +252,8 @@ def train_toy_dit(out_dir: str | Path = "models/toy-dit", work_dir: str | Path =
                   vae_from: str | Path = "models/toy-ldm", n_images: int = 20_000, seed: int = 1001,
                   minutes: float = 35, steps: int | None = None, snapshot_minutes: float | None = 10,
                   threads: int = 1, arch: dict | None = None, lr: float = 1e-3, batch: int = 32,
-                  select_on_validation: bool = True, validation: dict | None = None, log=print) -> dict:
+                  select_on_validation: bool = True, validation: dict | None = None,
+                  sigma_sampling: dict | None = None, log=print) -> dict:
     """Train the toy MMDiT on ``n_images`` toy images (generator v2, corpus ``seed``) with the
     VAE of ``vae_from``, time-boxed to ``minutes`` (or ``steps``), resumable from ``work_dir``;
     select the EMA snapshot with the best validation M_pre IoU; write ``out_dir``."""
@@ -266,6 +283,7 @@ def train_toy_dit(out_dir: str | Path = "models/toy-dit", work_dir: str | Path =
     budget = dict(budget_s=math.inf, max_steps=steps) if steps else dict(budget_s=minutes * 60)
     ema, dit_info = train_dit(transformer, te1, te2, tokenizer, latents, captions, work, seed=seed,
                               lr=lr, batch=batch, on_snapshot=snapshot, log=log,
+                              sigma_sampling=sigma_sampling,
                               snapshot_s=None if snapshot_minutes is None else snapshot_minutes * 60,
                               **budget)
     ema.copy_to(transformer.parameters())
@@ -281,7 +299,7 @@ def train_toy_dit(out_dir: str | Path = "models/toy-dit", work_dir: str | Path =
                          "selected_step": chosen, "validation_iou_by_step": {str(k): v for k, v in scores.items()}}
     info["recipe"] = {"command": "python -m fgbg_utils train-toy --model dit", "minutes": minutes,
                       "steps": steps, "snapshot_minutes": snapshot_minutes, "lr": lr, "batch": batch,
-                      "sigma": "uniform(0, 1); timestep 1000 σ; target ε − z0", "ema_decay": 0.999,
+                      "sigma": _sigma_text(sigma_sampling), "ema_decay": 0.999,
                       "caption_dropout": 0.1, "vae_from": str(vae_from)}
     info["training_minutes"] = round(dit_info["seconds"] / 60, 1)
     info["wall_minutes"] = round((time.time() - started) / 60, 1)
