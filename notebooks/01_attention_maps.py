@@ -144,11 +144,12 @@ figs = explorers.attention_explorer(lambda _: views, ["walkthrough"], interactiv
 # With `attention.aggregation: concept` (ConceptAttention, Helbling et al. 2025) the map is instead a
 # softmax over concepts (here *shape* vs *background*) of the dot products between the image tokens'
 # and the concept tokens' attention outputs. The titles give each map's AUC against the ground truth.
-# **The shipped toy DiT does not localise the object yet** (README: held-out AUC 0.22 with
-# cross-attention, 0.54 with concept aggregation): its joint attention mixes the text tokens from
-# the first block on, so the object token does not carry the object as the toy LDM's does. Concept
-# aggregation separates object and background in most images but names them the wrong way round
-# about as often as the right way (this image: the right way).
+# **The toy DiT localises the object like the toy LDM** (README: held-out AUC 0.990, M_pre IoU 0.689
+# with cross-attention). It took a recipe for the text: word embeddings drawn at std 1 (CLIP's 0.02
+# let the image stream wash every word into the same vector), SD3's logit-normal σ (more steps at the
+# noise levels where the caption matters) and 2×2 patches (4× cheaper steps, so 7,414 of them).
+# Concept aggregation, measured on the same model, is inverted (held-out AUC 0.134): the image
+# tokens' attention outputs sit closer to *background*'s than to *shape*'s on the object.
 
 # %%
 from fgbg_utils.views import model_compare

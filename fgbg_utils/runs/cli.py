@@ -72,12 +72,12 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None, help="default: models/toy-ldm, models/toy-dit or models/toy-features")
     t.add_argument("--work", default=None, help="phase-1 model, phase-2 snapshots, validation runs "
                    "(default work_toy; dit: work_toy_dit, resumed when a training state is there)")
-    t.add_argument("--dit-minutes", type=float, default=35, help="dit: training budget")
+    t.add_argument("--dit-minutes", type=float, default=40, help="dit: training budget")
     t.add_argument("--dit-steps", type=int, help="dit: fixed training steps (instead of --dit-minutes)")
-    t.add_argument("--dit-patch-size", type=int, default=1, help="dit: patch size on the 16x16 latent")
-    t.add_argument("--dit-token-std", type=float, default=0.02, help="dit: std of the word embeddings "
-                   "at init (CLIP's: 0.02)")
-    t.add_argument("--dit-sigma", choices=["uniform", "logit_normal"], default="uniform",
+    t.add_argument("--dit-patch-size", type=int, default=2, help="dit: patch size on the 16x16 latent")
+    t.add_argument("--dit-token-std", type=float, default=1.0, help="dit: std of the word embeddings "
+                   "at init (CLIP's: 0.02, which lets the image stream wash the words into one vector)")
+    t.add_argument("--dit-sigma", choices=["uniform", "logit_normal"], default="logit_normal",
                    help="dit: how training draws σ (logit_normal: SD3's, mean --dit-logit-mean, std 1)")
     t.add_argument("--dit-logit-mean", type=float, default=0.0, help="dit: mean of the logit-normal σ")
     t.add_argument("--n-images", type=int, default=20000, help="training images per phase")
@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     t.add_argument("--phase1-steps", type=int, help="fixed phase-1 UNet steps")
     t.add_argument("--phase2-steps", type=int, help="fixed phase-2 UNet steps")
     t.add_argument("--snapshot-minutes", type=float, default=10, help="EMA snapshot period of phase 2")
-    t.add_argument("--snapshot-steps", default="", help="comma-separated phase-2 snapshot steps "
-                   "(then no timed snapshots)")
+    t.add_argument("--snapshot-steps", default="", help="comma-separated phase-2 (ldm) or "
+                   "training (dit) snapshot steps (then no timed snapshots)")
     t.add_argument("--steps-as-shipped", action="store_true", help="the shipped step counts: VAE "
                    "2323, phase 1 4270, phase 2 10499, snapshots 2153,4320,6497,8693")
     t.add_argument("--background-fraction", type=float, default=0.15, help="ldm: share of object-free "
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
                           select_on_validation=args.select_on_validation,
                           arch={"patch_size": args.dit_patch_size, "token_std": args.dit_token_std},
                           sigma_sampling={"weighting_scheme": args.dit_sigma,
-                                          "logit_mean": args.dit_logit_mean, "logit_std": 1.0})
+                                          "logit_mean": args.dit_logit_mean, "logit_std": 1.0},
+                          snapshot_steps=[int(x) for x in args.snapshot_steps.split(",") if x.strip()])
         elif args.cmd == "train-toy":
             from fgbg_utils.training.toy_recipe import SHIPPED_STEPS, train_toy_recipe
             steps = {"vae_steps": args.vae_steps, "phase1_steps": args.phase1_steps,

@@ -174,9 +174,10 @@ def train_dit(transformer, te1, te2, tokenizer, latents, captions, work: Path, b
               seed: int, batch: int = 32, lr: float = 1e-3, caption_dropout: float = 0.1,
               ema_decay: float = 0.999, max_steps: int = 1_000_000, checkpoint_s: float = 300,
               snapshot_s: float | None = 600, on_snapshot=None, sigma_sampling: dict | None = None,
-              log=print):
+              snapshot_steps: tuple[int, ...] = (), log=print):
     """Train transformer + text encoders (resuming from ``work`` when a state is there); returns
-    (EMA, info). ``on_snapshot(step, ema, curve)`` every ``snapshot_s`` seconds of training."""
+    (EMA, info). ``on_snapshot(step, ema, curve)`` every ``snapshot_s`` seconds of training, or
+    at ``snapshot_steps`` when given (a time-boxed run replayed with fixed steps)."""
     from diffusers.training_utils import EMAModel
 
     g = torch.Generator().manual_seed(seed)
@@ -222,12 +223,22 @@ def train_dit(transformer, te1, te2, tokenizer, latents, captions, work: Path, b
             meta.update(step=step, total=total, curve=curve, seconds=round(seconds, 1))
             _save_state(work, modules, ema, opt, meta, g)
             last_ckpt = time.time()
-        if on_snapshot and snapshot_s is not None and time.time() - last_snap > snapshot_s and step < total:
+        timed = not snapshot_steps and snapshot_s is not None and time.time() - last_snap > snapshot_s
+        if on_snapshot and (timed or step in snapshot_steps) and step < total:
             on_snapshot(step, ema, curve)
             last_snap = time.time()
     seconds = round(done_before + time.time() - t0, 1)
     return ema, {"steps": step, "seconds": seconds, "curve": curve, "resumed_from": resumed or None,
                  "replanned_from": meta.get("replanned_from")}
+
+
+def _fixed_steps_command(steps: int, candidates: dict, arch: dict, sampling: dict | None) -> str:
+    """The train-toy command that replays this run's steps and snapshots without a clock."""
+    snaps = ",".join(str(k) for k in sorted(candidates) if k != steps)
+    sampling = sampling or {"weighting_scheme": "uniform"}
+    return (f"python -m fgbg_utils train-toy --model dit --dit-steps {steps} --snapshot-steps {snaps} "
+            f"--dit-patch-size {arch['patch_size']} --dit-token-std {arch['token_std']:g} "
+            f"--dit-sigma {sampling['weighting_scheme']} --dit-logit-mean {sampling.get('logit_mean', 0.0):g}")
 
 
 def _sigma_text(sampling: dict | None) -> str:
@@ -253,7 +264,8 @@ def train_toy_dit(out_dir: str | Path = "models/toy-dit", work_dir: str | Path =
                   minutes: float = 35, steps: int | None = None, snapshot_minutes: float | None = 10,
                   threads: int = 1, arch: dict | None = None, lr: float = 1e-3, batch: int = 32,
                   select_on_validation: bool = True, validation: dict | None = None,
-                  sigma_sampling: dict | None = None, log=print) -> dict:
+                  sigma_sampling: dict | None = None, snapshot_steps: tuple[int, ...] = (),
+                  log=print) -> dict:
     """Train the toy MMDiT on ``n_images`` toy images (generator v2, corpus ``seed``) with the
     VAE of ``vae_from``, time-boxed to ``minutes`` (or ``steps``), resumable from ``work_dir``;
     select the EMA snapshot with the best validation M_pre IoU; write ``out_dir``."""
@@ -283,7 +295,7 @@ def train_toy_dit(out_dir: str | Path = "models/toy-dit", work_dir: str | Path =
     budget = dict(budget_s=math.inf, max_steps=steps) if steps else dict(budget_s=minutes * 60)
     ema, dit_info = train_dit(transformer, te1, te2, tokenizer, latents, captions, work, seed=seed,
                               lr=lr, batch=batch, on_snapshot=snapshot, log=log,
-                              sigma_sampling=sigma_sampling,
+                              sigma_sampling=sigma_sampling, snapshot_steps=tuple(snapshot_steps),
                               snapshot_s=None if snapshot_minutes is None else snapshot_minutes * 60,
                               **budget)
     ema.copy_to(transformer.parameters())
@@ -300,7 +312,9 @@ def train_toy_dit(out_dir: str | Path = "models/toy-dit", work_dir: str | Path =
     info["recipe"] = {"command": "python -m fgbg_utils train-toy --model dit", "minutes": minutes,
                       "steps": steps, "snapshot_minutes": snapshot_minutes, "lr": lr, "batch": batch,
                       "sigma": _sigma_text(sigma_sampling), "ema_decay": 0.999,
-                      "caption_dropout": 0.1, "vae_from": str(vae_from)}
+                      "caption_dropout": 0.1, "vae_from": str(vae_from),
+                      "command_fixed_steps": _fixed_steps_command(dit_info["steps"], candidates, a,
+                                                                  sigma_sampling)}
     info["training_minutes"] = round(dit_info["seconds"] / 60, 1)
     info["wall_minutes"] = round((time.time() - started) / 60, 1)
     tmp = out.with_name(out.name + ".tmp")
