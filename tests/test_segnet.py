@@ -182,3 +182,28 @@ def test_weight_averaging_averages_the_last_steps_and_recomputes_bn():
     assert torch.allclose(torch.stack(snaps).mean(0), w_avg[conv], atol=1e-6)
     bn = "inc.1.running_mean"
     assert not torch.equal(w_avg[bn], w_last[bn])  # recomputed, not the last model's
+
+
+def test_ensemble_averages_members_trained_with_disjoint_seeds():
+    """ensemble = K: member k is the one-network training with seed seed·K + k; the ensemble's
+    probability is the members' mean (so seeds 0 and 1 share no member); workers do not change it,
+    and the saved weights load back into `build_model`."""
+    images, masks, _, _ = toy.generate_arrays(3, seed=4, size=32, background_fraction=0.0)
+    cfg = _tiny_cfg(steps=3, seed=1, ensemble=2)
+    assert [c.seed for c in segnet.member_configs(cfg)] == [2, 3]
+    assert [c.seed for c in segnet.member_configs(_tiny_cfg(seed=0, ensemble=2))] == [0, 1]
+    model, curve = segnet.train_segnet(list(images), list(masks), cfg)
+    singles = [segnet.train_segnet(list(images), list(masks), _tiny_cfg(steps=3, seed=s)) for s in (2, 3)]
+    np.testing.assert_allclose(curve, np.mean([c for _, c in singles], axis=0), rtol=1e-6)
+    for member, (single, _) in zip(model.members, singles):
+        assert all(torch.equal(v, single.state_dict()[k]) for k, v in member.state_dict().items())
+    probs = segnet.predict_proba(model, list(images), cfg)
+    member_probs = [segnet.predict_proba(m, list(images), cfg) for m, _ in singles]
+    for p, a, b in zip(probs, *member_probs):
+        np.testing.assert_allclose(p, (a + b) / 2, atol=1e-5)
+        assert not np.allclose(a, b, atol=1e-3)  # the members differ
+    again = segnet.build_model(cfg)
+    again.load_state_dict(model.state_dict())
+    np.testing.assert_allclose(segnet.predict_proba(again, list(images), cfg)[0], probs[0], atol=1e-6)
+    pooled = segnet.train_many({"row": (list(images), list(masks))}, cfg, workers=2)["row"][0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in pooled.state_dict().items())

@@ -20,8 +20,9 @@ from fgbg_utils.storage import (StageError, check_inputs, expected, fingerprint,
                                         metrics_path, open_stage, refuse_other_params, stage_dir,
                                         update_stage)
 from fgbg_utils.training.config import SegSettings
-from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, predict, predict_center_crop,
-                                        resolve_device, train_many, train_segnet, uses_bf16)
+from fgbg_utils.training.segnet import (SegConfig, build_model, center_crop_pair, member_configs, predict,
+                                        predict_center_crop, resolve_device, train_many, train_segnet,
+                                        uses_bf16)
 
 STAGE = "06_evaluation"
 STAGE02, STAGE04, STAGE05 = "02_binarization", "04_refinement", "05_synthesis"
@@ -288,7 +289,8 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress, processes: int | No
         return done
     n = workers(cfg) if processes is None else processes
     for row in todo:
-        log(f"stage 06: training {ROW_LABELS[row]} on {len(sets[row][0])} images ({scfg.steps} steps)"
+        log(f"stage 06: training {ROW_LABELS[row]} on {len(sets[row][0])} images ({scfg.steps} steps"
+            + (f", an ensemble of {scfg.ensemble} networks)" if scfg.ensemble > 1 else ")")
             + (f", {min(n, len(todo))} at a time in single-thread processes" if n else ""))
     t0 = time.time()
     if n:
@@ -300,6 +302,7 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress, processes: int | No
                 "seconds": round(time.time() - t0, 1), "workers": n,
                 "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])),
                 "loss_curve": curve, "config": scfg.to_dict(), "seed": scfg.seed,
+                "member_seeds": [c.seed for c in member_configs(scfg)],
                 "bf16": uses_bf16(scfg, resolve_device(scfg.device)), "fingerprint": prints[row]}
         atomic_save_safetensors(paths[row][0], model.state_dict())
         atomic_write_json(paths[row][1], info)

@@ -92,6 +92,9 @@ class SegSettings(BaseModel):
     seed: int = Field(0, description="weights, crops and batch order")
     average_last: float = Field(0.0, ge=0, lt=1, description="share of the last steps whose weights are "
                                 "averaged (SWA; BN statistics recomputed on the training set); 0: the last weights")
+    ensemble: int = Field(1, ge=1, le=64, description="networks per row, trained with init seeds "
+                          "seed·K … seed·K + K − 1, their probabilities averaged (a deep ensemble; "
+                          "less init-seed noise) [ours; C: 1]")
     mixed_precision: Literal["no", "bf16", "auto"] = Field(
         "no", description="no, bf16 autocast of the training steps (~1.6x faster on a CPU with avx512_bf16, "
                           "~15x slower on one without), or auto: bf16 where the hardware has it, else fp32")

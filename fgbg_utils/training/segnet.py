@@ -16,6 +16,10 @@
   are returned (no model selection), or with `average_last` > 0 the average of the weights over
   that last share of the steps (stochastic weight averaging, torch.optim.swa_utils), its BatchNorm
   statistics recomputed on one epoch of training crops.
+* `ensemble` = K > 1: K such networks, member k trained with seed seed·K + k (so the K-member
+  ensembles of seeds 0, 1, 2 … share no member), wrapped in `Ensemble`, whose output is the logit
+  of the members' mean probability: a deep ensemble, which averages out the init-seed noise of
+  one network (each member alone is what `ensemble` = 1 trains with its seed).
 
 Prediction protocols:
 * `predict` (full image): resize the whole image to size × size (bilinear; aspect ratio not kept),
@@ -77,6 +81,19 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+class Ensemble(nn.Module):
+    """K networks whose sigmoid probabilities are averaged; `forward` returns the logit of the mean,
+    so thresholding and `predict` treat it like one U-Net."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        return torch.logit(p, eps=1e-6)
+
+
 class SegConfig(SegSettings):
     """What the U-Net trainer runs with: the settings plus device and logging."""
     device: str = "auto"       # auto | cpu | cuda
@@ -105,8 +122,19 @@ def uses_bf16(cfg: SegConfig, dev: torch.device) -> bool:
     return cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16(dev))
 
 
-def build_model(cfg: SegConfig) -> UNet:
-    """The U-Net with a seeded init that leaves the global torch RNG untouched."""
+def member_configs(cfg: SegConfig) -> list[SegConfig]:
+    """The one-network configs of an ensemble's members: seeds seed·K + k, k < K."""
+    k = cfg.ensemble
+    if k == 1:
+        return [cfg]
+    return [cfg.model_copy(update={"ensemble": 1, "seed": cfg.seed * k + j}) for j in range(k)]
+
+
+def build_model(cfg: SegConfig) -> nn.Module:
+    """The U-Net (an `Ensemble` of them when cfg.ensemble > 1) with a seeded init that leaves the
+    global torch RNG untouched."""
+    if cfg.ensemble > 1:
+        return Ensemble([build_model(c) for c in member_configs(cfg)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return UNet(3, 1, cfg.base_width, cfg.depth)
@@ -269,7 +297,11 @@ def train_segnet(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg:
 def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig,
                    log: Callable[[str], None] | None = None, progress: bool = False
                    ) -> tuple[UNet, list[float]]:
-    """`train_segnet` on pairs already resized by `prepare_training_data`."""
+    """`train_segnet` on pairs already resized by `prepare_training_data`. An ensemble's members
+    train one after another; its curve is their mean."""
+    if cfg.ensemble > 1:
+        trained = [train_prepared(data, c, log, progress) for c in member_configs(cfg)]
+        return _assemble(cfg, [t[0] for t in trained], [t[1] for t in trained])
     dev = resolve_device(cfg.device)
     model = build_model(cfg).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -310,6 +342,12 @@ def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig
     if averaged is not None:
         model = _with_bn_statistics(averaged.module, data, cfg, dev)
     return model.eval(), curve
+
+
+def _assemble(cfg: SegConfig, members: list, curves: list[list[float]]) -> tuple[nn.Module, list[float]]:
+    """An ensemble of trained members and the mean of their loss curves."""
+    model = Ensemble(members).to(resolve_device(cfg.device)).eval()
+    return model, [float(v) for v in np.mean(np.asarray(curves, dtype=np.float64), axis=0)]
 
 
 def _with_bn_statistics(model: UNet, data, cfg: SegConfig, dev: torch.device) -> UNet:
@@ -394,8 +432,9 @@ def _train_in_worker(data, cfg_dict: dict):
 
 def train_many(jobs: dict, cfg: SegConfig, workers: int, log: Callable[[str], None] | None = None
                ) -> dict:
-    """{name: (images, masks)} -> {name: (model, curve)}, each network in its own single-thread
-    process, `workers` at a time (the results do not depend on `workers`)."""
+    """{name: (images, masks)} -> {name: (model, curve)}, each network (each member of an
+    ensemble) in its own single-thread process, `workers` at a time (the results do not depend on
+    `workers`)."""
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -406,13 +445,17 @@ def train_many(jobs: dict, cfg: SegConfig, workers: int, log: Callable[[str], No
     out = {}
     with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"),
                              initializer=pool_worker_init, initargs=(os.getpid(),)) as pool:
-        futures = {name: pool.submit(_train_in_worker, data, cfg.model_dump())
+        futures = {name: [pool.submit(_train_in_worker, data, c.model_dump()) for c in member_configs(cfg)]
                    for name, data in prepared.items()}
-        for name, fut in futures.items():
-            state, curve = fut.result()
-            model = build_model(cfg)
-            model.load_state_dict(state)
-            out[name] = (model.to(resolve_device(cfg.device)).eval(), curve)
+        for name, member_futures in futures.items():
+            members, curves = [], []
+            for c, fut in zip(member_configs(cfg), member_futures):
+                state, curve = fut.result()
+                member = build_model(c)
+                member.load_state_dict(state)
+                members.append(member.to(resolve_device(cfg.device)).eval())
+                curves.append(curve)
+            out[name] = (members[0], curves[0]) if cfg.ensemble == 1 else _assemble(cfg, members, curves)
             if log is not None:
                 log(f"segnet {name}: {cfg.steps} steps, final loss {curve[-1]:.4f}")
     return out
