@@ -251,22 +251,28 @@ def test_synthetic_filter_keeps_the_pairs_that_agree_with_unet_d_s(run, tmp_path
 
 def test_an_ensemble_row_is_its_one_network_members_saved_and_reloaded(run, tmp_path):
     """segmentation.ensemble = 2 with seed 1: the row's saved weights are exactly the one-network
-    trainings with seeds 2 and 3, recorded as such, and a rerun loads them instead of training."""
+    trainings with seeds 2 and 3, recorded as such, and a rerun loads them instead of training; the
+    supervised row takes its own steps and ensemble size."""
     from safetensors.torch import load_file
 
     cfg = run[0].model_copy(deep=True)
-    cfg.segmentation.rows = ["unet_D_s"]
+    cfg.segmentation.rows = ["unet_D_s", "supervised"]
     cfg.segmentation.ensemble = 2
+    cfg.segmentation.supervised_ensemble = 1  # the supervised row's own size and steps
+    cfg.segmentation.supervised_steps = cfg.segmentation.steps + 2
     quiet = lambda *_: None  # noqa: E731
     first = stage_evaluation.unet_rows_with_seed(cfg, 1, tmp_path / "ens", log=quiet, processes=2)
     info = json.loads((tmp_path / "ens" / "models" / "unet_D_s.json").read_text())
     assert info["member_seeds"] == [2, 3] and info["config"]["ensemble"] == 2
+    sup = json.loads((tmp_path / "ens" / "models" / "supervised.json").read_text())
+    assert sup["member_seeds"] == [1] and sup["steps"] == len(sup["loss_curve"]) == cfg.segmentation.steps + 2
     again = stage_evaluation.unet_rows_with_seed(cfg, 1, tmp_path / "ens", log=quiet)
     assert again == first
     assert json.loads((tmp_path / "ens" / "models" / "unet_D_s.json").read_text())["seconds"] == info["seconds"]
     weights = load_file(str(tmp_path / "ens" / "models" / "unet_D_s.safetensors"))
     single = cfg.model_copy(deep=True)
     single.segmentation.ensemble = 1
+    single.segmentation.rows = ["unet_D_s"]
     for k, seed in enumerate((2, 3)):
         stage_evaluation.unet_rows_with_seed(single, seed, tmp_path / f"one-{seed}", log=quiet, processes=0)
         one = load_file(str(tmp_path / f"one-{seed}" / "models" / "unet_D_s.safetensors"))

@@ -37,10 +37,14 @@ ROW_LABELS = {"grabcut": "GrabCut", "M_pre": "M_pre", "M_crop": "M_crop", "unet_
               "supervised": "supervised"}
 
 
-def seg_config(cfg) -> SegConfig:
+def seg_config(cfg, row: str | None = None) -> SegConfig:
+    """The U-Net config of stage 06 (of `row`: the supervised row may have its own steps and
+    ensemble size, `segmentation.supervised_steps` / `supervised_ensemble`)."""
     s = cfg.segmentation
-    return SegConfig(**s.model_dump(include=set(SegSettings.model_fields)), device=cfg.device,
-                     log_every=max(1, s.steps // 4))
+    own = {"steps": s.supervised_steps, "ensemble": s.supervised_ensemble} if row == "supervised" else {}
+    values = {**s.model_dump(include=set(SegSettings.model_fields)),
+              **{k: v for k, v in own.items() if v is not None}}
+    return SegConfig(**values, device=cfg.device, log_every=max(1, values["steps"] // 4))
 
 
 def _splits(cfg, records=None):
@@ -272,16 +276,16 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress, processes: int | No
 
     from safetensors.torch import load_file
 
-    scfg = seg_config(cfg)
+    scfgs = {row: seg_config(cfg, row) for row in sets}
     paths = {row: (out / "models" / f"{row}.safetensors", out / "models" / f"{row}.json") for row in sets}
     prints = {row: row_fingerprint(cfg, row) for row in sets}
     done, todo = {}, []
     for row, (weights, info_path) in paths.items():
         if (row not in retrain and weights.exists() and info_path.exists()
                 and read_json(info_path).get("fingerprint") == prints[row]):
-            model = build_model(scfg)
+            model = build_model(scfgs[row])
             model.load_state_dict(load_file(str(weights)))
-            done[row] = (model.to(resolve_device(scfg.device)).eval(), read_json(info_path))
+            done[row] = (model.to(resolve_device(scfgs[row].device)).eval(), read_json(info_path))
         else:
             todo.append(row)
             shutil.rmtree(out / "masks" / row, ignore_errors=True)  # masks of earlier weights
@@ -289,15 +293,17 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress, processes: int | No
         return done
     n = workers(cfg) if processes is None else processes
     for row in todo:
+        scfg = scfgs[row]
         log(f"stage 06: training {ROW_LABELS[row]} on {len(sets[row][0])} images ({scfg.steps} steps"
             + (f", an ensemble of {scfg.ensemble} networks)" if scfg.ensemble > 1 else ")")
             + (f", {min(n, len(todo))} at a time in single-thread processes" if n else ""))
     t0 = time.time()
     if n:
-        results = train_many({row: sets[row] for row in todo}, scfg, n, log)
+        results = train_many({row: sets[row] for row in todo}, {row: scfgs[row] for row in todo}, n, log)
     else:
-        results = {row: train_segnet(*sets[row], scfg, log=log, progress=progress) for row in todo}
+        results = {row: train_segnet(*sets[row], scfgs[row], log=log, progress=progress) for row in todo}
     for row, (model, curve) in results.items():
+        scfg = scfgs[row]
         info = {"n_images": len(sets[row][0]), "steps": scfg.steps,
                 "seconds": round(time.time() - t0, 1), "workers": n,
                 "final_loss": float(np.mean(curve[-max(1, len(curve) // 20):])),

@@ -430,24 +430,26 @@ def _train_in_worker(data, cfg_dict: dict):
     return {k: v.cpu() for k, v in model.state_dict().items()}, curve
 
 
-def train_many(jobs: dict, cfg: SegConfig, workers: int, log: Callable[[str], None] | None = None
+def train_many(jobs: dict, cfg: SegConfig | dict, workers: int, log: Callable[[str], None] | None = None
                ) -> dict:
     """{name: (images, masks)} -> {name: (model, curve)}, each network (each member of an
     ensemble) in its own single-thread process, `workers` at a time (the results do not depend on
-    `workers`)."""
+    `workers`). `cfg` is one config for all, or {name: config}."""
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor
 
     from fgbg_utils.storage.lifetime import pool_worker_init
 
-    prepared = {name: prepare_training_data(im, m, cfg.size) for name, (im, m) in jobs.items()}
+    cfgs = cfg if isinstance(cfg, dict) else {name: cfg for name in jobs}
+    prepared = {name: prepare_training_data(im, m, cfgs[name].size) for name, (im, m) in jobs.items()}
     out = {}
     with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"),
                              initializer=pool_worker_init, initargs=(os.getpid(),)) as pool:
-        futures = {name: [pool.submit(_train_in_worker, data, c.model_dump()) for c in member_configs(cfg)]
+        futures = {name: [pool.submit(_train_in_worker, data, c.model_dump()) for c in member_configs(cfgs[name])]
                    for name, data in prepared.items()}
         for name, member_futures in futures.items():
+            cfg = cfgs[name]
             members, curves = [], []
             for c, fut in zip(member_configs(cfg), member_futures):
                 state, curve = fut.result()
