@@ -259,13 +259,13 @@ def test_an_ensemble_row_is_its_one_network_members_saved_and_reloaded(run, tmp_
     cfg.segmentation.rows = ["unet_D_s", "supervised"]
     cfg.segmentation.ensemble = 2
     cfg.segmentation.supervised_ensemble = 1  # the supervised row's own size and steps
-    cfg.segmentation.supervised_steps = cfg.segmentation.steps + 2
+    cfg.segmentation.supervised_step_factor = 2
     quiet = lambda *_: None  # noqa: E731
     first = stage_evaluation.unet_rows_with_seed(cfg, 1, tmp_path / "ens", log=quiet, processes=2)
     info = json.loads((tmp_path / "ens" / "models" / "unet_D_s.json").read_text())
     assert info["member_seeds"] == [2, 3] and info["config"]["ensemble"] == 2
     sup = json.loads((tmp_path / "ens" / "models" / "supervised.json").read_text())
-    assert sup["member_seeds"] == [1] and sup["steps"] == len(sup["loss_curve"]) == cfg.segmentation.steps + 2
+    assert sup["member_seeds"] == [1] and sup["steps"] == len(sup["loss_curve"]) == 2 * cfg.segmentation.steps
     again = stage_evaluation.unet_rows_with_seed(cfg, 1, tmp_path / "ens", log=quiet)
     assert again == first
     assert json.loads((tmp_path / "ens" / "models" / "unet_D_s.json").read_text())["seconds"] == info["seconds"]

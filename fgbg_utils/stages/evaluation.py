@@ -39,9 +39,10 @@ ROW_LABELS = {"grabcut": "GrabCut", "M_pre": "M_pre", "M_crop": "M_crop", "unet_
 
 def seg_config(cfg, row: str | None = None) -> SegConfig:
     """The U-Net config of stage 06 (of `row`: the supervised row may have its own steps and
-    ensemble size, `segmentation.supervised_steps` / `supervised_ensemble`)."""
+    ensemble size, `segmentation.supervised_step_factor` / `supervised_ensemble`)."""
     s = cfg.segmentation
-    own = {"steps": s.supervised_steps, "ensemble": s.supervised_ensemble} if row == "supervised" else {}
+    own = {"steps": max(1, round(s.steps * s.supervised_step_factor)),
+           "ensemble": s.supervised_ensemble} if row == "supervised" else {}
     values = {**s.model_dump(include=set(SegSettings.model_fields)),
               **{k: v for k, v in own.items() if v is not None}}
     return SegConfig(**values, device=cfg.device, log_every=max(1, values["steps"] // 4))
