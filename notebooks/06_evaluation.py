@@ -23,10 +23,13 @@
 # pixel ACC, foreground IoU and mIoU $=(IoU_{fg}+IoU_{bg})/2$ as in the paper, per-image mean IoU and
 # Dice (another protocol, not comparable to the pooled numbers), and the IoU of the tight bounding boxes.
 #
-# The toy default is a small U-Net (width 16, depth 3, 64 px, 300 steps, cosine learning rate, bf16
-# autocast); the paper's setting (width 64, depth 4, 128 px, 12,000 steps, batch 32, constant lr,
-# float32) is the default of the real-data parameter files. The outputs stored in this notebook are
-# those of the default run (`make demo`, `runs/toy`), the README's seed-0 column.
+# The toy default is a small U-Net (width 16, depth 3, 64 px, cosine learning rate, bf16 autocast
+# where the CPU has it): each label-free row is an **ensemble** of 4 such networks trained 100 steps
+# each (early stopping suits noisy pseudo-labels; the average of 4 draws is less noisy than one),
+# their probabilities averaged; the supervised row is one network of 300 steps. The paper's
+# setting (one network, width 64, depth 4, 128 px, 12,000 steps, batch 32, constant lr, float32)
+# is the default of the real-data parameter files. The outputs stored in this notebook are those of
+# the default run (`make demo`, `runs/toy`), the README's default-run column.
 
 # %% tags=["parameters"]
 # Parameters: papermill injects values after this cell. Any top-level key of the params file can
