@@ -286,8 +286,9 @@ def prepare_training_data(images: Sequence[np.ndarray], masks: Sequence[np.ndarr
 
 def train_segnet(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg: SegConfig,
                  log: Callable[[str], None] | None = None, progress: bool = False
-                 ) -> tuple[UNet, list[float]]:
-    """Train the U-Net for cfg.steps steps on (image, soft mask) pairs; images may differ in size.
+                 ) -> tuple[nn.Module, list[float]]:
+    """Train the U-Net (an ensemble of them when cfg.ensemble > 1) for cfg.steps steps on (image,
+    soft mask) pairs; images may differ in size.
 
     Returns the last model (eval mode, on cfg.device) and the per-step training loss curve.
     `log`, if given, receives a one-line message every cfg.log_every steps and at the end."""
@@ -296,7 +297,7 @@ def train_segnet(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg:
 
 def train_prepared(data: list[tuple[torch.Tensor, torch.Tensor]], cfg: SegConfig,
                    log: Callable[[str], None] | None = None, progress: bool = False
-                   ) -> tuple[UNet, list[float]]:
+                   ) -> tuple[nn.Module, list[float]]:
     """`train_segnet` on pairs already resized by `prepare_training_data`. An ensemble's members
     train one after another; its curve is their mean."""
     if cfg.ensemble > 1:
@@ -458,6 +459,6 @@ def train_many(jobs: dict, cfg: SegConfig | dict, workers: int, log: Callable[[s
                 members.append(member.to(resolve_device(cfg.device)).eval())
                 curves.append(curve)
             out[name] = (members[0], curves[0]) if cfg.ensemble == 1 else _assemble(cfg, members, curves)
-            if log is not None:
-                log(f"segnet {name}: {cfg.steps} steps, final loss {curve[-1]:.4f}")
+            if log is not None:  # an ensemble's loss is its members' mean
+                log(f"segnet {name}: {cfg.steps} steps, final loss {out[name][1][-1]:.4f}")
     return out
