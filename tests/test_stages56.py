@@ -298,5 +298,5 @@ def test_unet_steps_scale_with_the_training_images(run, tmp_path):
     s.steps_for_images = None
     assert stage_evaluation.seg_config(cfg, "unet_D_s", n).steps == 8
     toy = load_params(TOY, {})
-    assert [stage_evaluation.seg_config(toy, row, k).steps for k in (96, 32) for row in ("unet_D_s", "supervised")
-            ] == [100, 300, 33, 100]
+    rows = ("unet_D_s", "supervised")
+    assert [stage_evaluation.seg_config(toy, r, k).steps for k in (96, 32) for r in rows] == [100, 300, 33, 100]
