@@ -16,6 +16,7 @@ SMALL = {"dataset.n_train": 32, "dataset.n_test": 24, "attention.sweep": False,
          "finetune.max_train_steps": 300, "finetune.eval_samples": 2, "finetune.eval_steps": 10,
          "refinement.steps": 25, "synthesis.n_images": 16, "synthesis.steps": 25,
          "synthesis.background_images": 2, "synthesis.sweep_seeds": 1, "segmentation.steps": 150,
+         "segmentation.steps_for_images": 32,
          "segmentation.ensemble": 1, "segmentation.supervised_step_factor": 1,
          "segmentation.base_width": 8, "segmentation.mixed_precision": "no"}
 # measured on this configuration (seed 0). The U-Nets train in float32 here: at this size (32

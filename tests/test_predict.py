@@ -27,6 +27,7 @@ TINY = {"dataset.n_train": 3, "dataset.n_test": 2, "T0": 5, "attention.sweep": F
         "finetune.max_train_steps": 2, "finetune.batch_size": 2, "finetune.eval_samples": 2,
         "finetune.eval_steps": 2, "refinement.steps": 3, "segmentation.size": 32,
         "segmentation.base_width": 4, "segmentation.depth": 2, "segmentation.steps": 3,
+        "segmentation.steps_for_images": 3,
         "segmentation.batch_size": 2, "segmentation.rows": ["unet_M_pre", "unet_D_s"]}
 ENV = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
 

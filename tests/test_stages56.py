@@ -277,3 +277,32 @@ def test_an_ensemble_row_is_its_one_network_members_saved_and_reloaded(run, tmp_
         stage_evaluation.unet_rows_with_seed(single, seed, tmp_path / f"one-{seed}", log=quiet, processes=0)
         one = load_file(str(tmp_path / f"one-{seed}" / "models" / "unet_D_s.safetensors"))
         assert all(np.array_equal(v.numpy(), weights[f"members.{k}.{name}"].numpy()) for name, v in one.items())
+
+
+def test_unet_steps_scale_with_the_training_images(run, tmp_path):
+    """segmentation.steps_for_images: `steps` is the budget for that many training images, so the
+    run's n images train round(steps · n / that) steps (the supervised row × its factor), as the
+    trained network's record and loss curve show; null keeps `steps`; `min_steps` floors the scaled
+    steps (never above `steps`). params/toy.yaml: 100 steps at 96 images (300 supervised), 60 at 32."""
+    cfg = run[0].model_copy(deep=True)
+    n = len(stage_evaluation._splits(cfg)[0])
+    s = cfg.segmentation
+    s.steps, s.steps_for_images, s.min_steps, s.supervised_step_factor = 8, 2 * n, 1, 3  # half the images
+    assert stage_evaluation.seg_config(cfg, "unet_D_s", n).steps == 4
+    assert stage_evaluation.seg_config(cfg, "supervised", n).steps == 12
+    assert stage_evaluation.seg_config(cfg).steps == 8  # no n: as given (prediction)
+    s.rows, s.ensemble = ["unet_M_pre"], 1
+    stage_evaluation.unet_rows_with_seed(cfg, 0, tmp_path / "scaled", log=lambda *_: None, processes=0)
+    info = json.loads((tmp_path / "scaled" / "models" / "unet_M_pre.json").read_text())
+    assert info["steps"] == len(info["loss_curve"]) == 4
+    s.steps_for_images = None
+    assert stage_evaluation.seg_config(cfg, "unet_D_s", n).steps == 8
+    s.steps_for_images, s.min_steps = 4 * n, 6  # a quarter of the budget (2 steps), floored at 6
+    assert stage_evaluation.seg_config(cfg, "unet_D_s", n).steps == 6
+    assert stage_evaluation.seg_config(cfg, "supervised", n).steps == 18
+    s.min_steps = 50  # the floor never exceeds `steps`
+    assert stage_evaluation.seg_config(cfg, "unet_D_s", n).steps == 8
+    toy = load_params(TOY, {})
+    rows = ("unet_D_s", "supervised")
+    assert [stage_evaluation.seg_config(toy, r, k).steps for k in (96, 32, 192) for r in rows
+            ] == [100, 300, 60, 180, 200, 600]

@@ -119,6 +119,8 @@ class SegmentationParams(SegSettings, Section):
     detector_area: float = P(0.01, "object-free check: supervised U-Net area below this")
     synthetic_filter_iou: float = P(0.0, "keep a D'_s pair only if its mask reaches this IoU with U-Net(D_s)'s prediction on the synthetic image (0: keep all) [ours, label-free]", ge=0, le=1)
     supervised_step_factor: float = P(1.0, "the supervised row (ground-truth labels, the upper bound) trains this many times `steps` [ours]", gt=0, le=100)
+    steps_for_images: Optional[int] = P(None, "`steps` is the budget for this many training images: a training split of n images trains max(round(steps · n / this), min(steps, min_steps)) steps per network, every row alike (D ∪ D′ too, as the paper trains each row equally long), so a smaller or larger dataset gets the same passes over D (null: `steps` for any n) [ours]", ge=1)
+    min_steps: int = P(60, "with `steps_for_images`, a smaller dataset still trains at least this many steps (never more than `steps`): a network from scratch needs about 60 to leave its all-background start [val, 32 images]", ge=1)
     supervised_ensemble: Optional[int] = P(None, "networks in the supervised row's ensemble; null: `ensemble` [ours]", ge=1, le=64)
     workers: Union[int, Literal["auto"]] = P("auto", "U-Nets trained at once, each in a single-thread process (auto: 2 on a CPU, 0 on a GPU; 0: one after another in this process)")
 

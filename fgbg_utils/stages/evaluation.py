@@ -37,14 +37,19 @@ ROW_LABELS = {"grabcut": "GrabCut", "M_pre": "M_pre", "M_crop": "M_crop", "unet_
               "supervised": "supervised"}
 
 
-def seg_config(cfg, row: str | None = None) -> SegConfig:
+def seg_config(cfg, row: str | None = None, n_train: int | None = None) -> SegConfig:
     """The U-Net config of stage 06 (of `row`: the supervised row may have its own steps and
-    ensemble size, `segmentation.supervised_step_factor` / `supervised_ensemble`)."""
+    ensemble size, `segmentation.supervised_step_factor` / `supervised_ensemble`; with
+    `segmentation.steps_for_images`, the steps scale with the n_train training images, down to
+    `segmentation.min_steps`)."""
     s = cfg.segmentation
-    own = {"steps": max(1, round(s.steps * s.supervised_step_factor)),
-           "ensemble": s.supervised_ensemble} if row == "supervised" else {}
-    values = {**s.model_dump(include=set(SegSettings.model_fields)),
-              **{k: v for k, v in own.items() if v is not None}}
+    steps = s.steps
+    if s.steps_for_images and n_train:
+        steps = max(round(s.steps * n_train / s.steps_for_images), min(s.steps, s.min_steps))
+    own = {"steps": max(1, round(steps * (s.supervised_step_factor if row == "supervised" else 1)))}
+    if row == "supervised" and s.supervised_ensemble is not None:
+        own["ensemble"] = s.supervised_ensemble
+    values = {**s.model_dump(include=set(SegSettings.model_fields)), **own}
     return SegConfig(**values, device=cfg.device, log_every=max(1, values["steps"] // 4))
 
 
@@ -277,7 +282,8 @@ def train_or_load(cfg, out: Path, sets: dict, log, progress, processes: int | No
 
     from safetensors.torch import load_file
 
-    scfgs = {row: seg_config(cfg, row) for row in sets}
+    n_train = len(_splits(cfg)[0]) if cfg.segmentation.steps_for_images else None
+    scfgs = {row: seg_config(cfg, row, n_train) for row in sets}
     paths = {row: (out / "models" / f"{row}.safetensors", out / "models" / f"{row}.json") for row in sets}
     prints = {row: row_fingerprint(cfg, row) for row in sets}
     done, todo = {}, []
