@@ -5,7 +5,7 @@
 #            .ipynb with its notebooks/NN_*.py source; the kernel is registered as `python3`, the
 #            kernelspec the notebooks store, so opening one does not rewrite it).
 # make notebooks: sync the pairs and re-execute the stored notebooks with their default parameters.
-# make lint: ruff on the notebook sources.
+# make lint: ruff on the package, the tests, tools, benchmarks and the notebook sources.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -71,7 +71,7 @@ lab: $(LAB_INSTALLED)
 	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 lint: $(TEST_INSTALLED)
-	$(BIN)/python -m ruff check notebooks/
+	$(BIN)/python -m ruff check fgbg_utils tests tools benchmarks notebooks/
 
 # The .py sources and the .ipynb are synced (the newer side wins), then 00-06 are re-executed in
 # place with their parameters cells' defaults (params/toy.yaml into runs/toy) and small outputs.

@@ -63,7 +63,8 @@ def main() -> None:
     work = Path(args.work)
     warm = subprocess.run([sys.executable, "-c", "import sys; from fgbg_utils.runs.params import load_params; "
                            "from fgbg_utils.data.loader import load_dataset; "
-                           "load_dataset(load_params('params/toy.yaml', sys.argv[2:], run_dir=sys.argv[1]), check=False)",
+                           "load_dataset(load_params('params/toy.yaml', sys.argv[2:], run_dir=sys.argv[1]), "
+                           "check=False)",
                            str(work / "warm"), *sets], cwd=ROOT, env=ENV)  # writes the toy world once
     if warm.returncode:
         sys.exit("could not write the toy world")

@@ -10,7 +10,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from fgbg_utils.core import attention, models, seeds
 from fgbg_utils.data import toy
-from fgbg_utils.core.attention import (AttentionStore, CrossAttentionCapture, attention_maps, capture_cross_attention, image_noise, reduce_maps)
+from fgbg_utils.core.attention import (
+    AttentionStore, CrossAttentionCapture, attention_maps, capture_cross_attention, image_noise, reduce_maps)
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny-sd"
 

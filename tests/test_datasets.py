@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgbg_utils.data.datasets import (CorruptImageError, DatasetError, MaskSizeError, check_images, load_ground_truth, load_image, load_mask, load_records, write_toy_dataset)
+from fgbg_utils.data.datasets import (
+    CorruptImageError, DatasetError, MaskSizeError, check_images, load_ground_truth, load_image, load_mask,
+    load_records, write_toy_dataset)
 
 
 def _img(path, h=8, w=8, value=100):

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from fgbg_utils.core.frame import (Frame, canvas_to_original, image_to_canvas, make_frame, mask_to_canvas, upsample_nearest)
+from fgbg_utils.core.frame import (
+    Frame, canvas_to_original, image_to_canvas, make_frame, mask_to_canvas, upsample_nearest)
 
 
 def _disc(h, w):

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fgbg_utils.core.metrics import (BinnedAUC, SegmentationMeter, all_foreground, bbox_iou, box_from_mask, box_image, center_disc, segmentation_metrics)
+from fgbg_utils.core.metrics import (
+    BinnedAUC, SegmentationMeter, all_foreground, bbox_iou, box_from_mask, box_image, center_disc,
+    segmentation_metrics)
 
 
 def test_hand_computed_4x4():

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from fgbg_utils.core.refine import (crop_strip, difference_map, m_crop_fill, optional_postprocess, refine_mask, upsample_mask)
+from fgbg_utils.core.refine import (
+    crop_strip, difference_map, m_crop_fill, optional_postprocess, refine_mask, upsample_mask)
 
 
 def test_difference_map_hand_case():

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from fgbg_utils import load_params
-from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization, finetuning as stage_finetune, refinement as stage_refinement
+from fgbg_utils.stages import (
+    attention_maps as stage_attention, binarization as stage_binarization, finetuning as stage_finetune, refinement
+    as stage_refinement)
 from fgbg_utils.runs.params import PROJECT_ROOT
 from fgbg_utils.core.refine import upsample_mask
 from fgbg_utils.runs.run_folder import StageError

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from fgbg_utils import load_params
-from fgbg_utils.stages import attention_maps as stage_attention, binarization as stage_binarization, evaluation as stage_evaluation, finetuning as stage_finetune, refinement as stage_refinement, synthesis as stage_synthesis
+from fgbg_utils.stages import (
+    attention_maps as stage_attention, binarization as stage_binarization, evaluation as stage_evaluation,
+    finetuning as stage_finetune, refinement as stage_refinement, synthesis as stage_synthesis)
 from fgbg_utils.data.datasets import load_mask, load_records
 from fgbg_utils.core.metrics import SegmentationMeter, box_overlap
 from fgbg_utils.runs.report import write_report
@@ -306,3 +308,16 @@ def test_unet_steps_scale_with_the_training_images(run, tmp_path):
     rows = ("unet_D_s", "supervised")
     assert [stage_evaluation.seg_config(toy, r, k).steps for k in (96, 32, 192) for r in rows
             ] == [100, 300, 60, 180, 200, 600]
+
+
+def test_step_scaling_at_its_defaults_leaves_older_run_folders_valid(run):
+    """steps_for_images / min_steps came after run folders existed: at their defaults (off) they stay
+    out of stage 06's parameter fingerprint, so those folders resume; set, they count."""
+    from fgbg_utils.storage.folder import stage_params
+
+    cfg = run[0].model_copy(deep=True)
+    cfg.segmentation.steps_for_images, cfg.segmentation.min_steps = None, 60
+    seg = stage_params(cfg, "06")["segmentation"]
+    assert "steps_for_images" not in seg and "min_steps" not in seg and seg["steps"] == cfg.segmentation.steps
+    cfg.segmentation.steps_for_images = 96
+    assert stage_params(cfg, "06")["segmentation"]["steps_for_images"] == 96

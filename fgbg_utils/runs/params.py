@@ -35,9 +35,11 @@ Split = Literal["train", "val", "test"]
 
 
 class ModelParams(Section):
-    path: str = P("models/toy-ldm", "hub id, local diffusers folder, or single .safetensors/.ckpt file of the pretrained model")
+    path: str = P("models/toy-ldm",
+            "hub id, local diffusers folder, or single .safetensors/.ckpt file of the pretrained model")
     revision: Optional[str] = P(None, "hub revision (pin it for real models)")
-    config: Optional[str] = P(None, "single-file checkpoints: local diffusers folder with the model's configs (no network)")
+    config: Optional[str] = P(None,
+            "single-file checkpoints: local diffusers folder with the model's configs (no network)")
     max_sequence_length: Optional[int] = P(None, "SD3 / Flux: T5 tokens in the joint text sequence; null = "
                                            "the pipeline's default (SD3 256, Flux 512); SD and SDXL (no T5) "
                                            "ignore it", ge=1, le=512)
@@ -62,7 +64,8 @@ class DatasetParams(Section):
 
 class AttentionParams(Section):
     grid_steps: int = P(50, "DDIM grid size; T0 takes its lowest entries [P: 50]", ge=1)
-    batch_rows: Union[int, Literal["auto"]] = P(160, "UNet rows per call (images x noise levels), the memory budget; auto: from free GPU memory")
+    batch_rows: Union[int, Literal["auto"]] = P(160,
+            "UNet rows per call (images x noise levels), the memory budget; auto: from free GPU memory")
     latent: Literal["mode", "sample"] = P("mode", "VAE posterior: mode (deterministic) or sample [C]")
     sweep: bool = P(True, "also keep all grid_steps per-timestep maps for the T0 sweep")
     keep_per_layer: bool = P(True, "keep per-layer maps for exploration")
@@ -90,7 +93,8 @@ class FinetuneParams(FinetuneSettings, Section):
 class RefinementParams(Section):
     steps: int = P(50, "DDIM steps of the inpainting [P]", ge=1)
     guidance_scale: float = P(1.0, "w > 1: CFG with y_f as the negative prompt (concept scale s = 1 - w)")
-    reference: Literal["roundtrip", "original"] = P("roundtrip", "difference against the VAE round trip or the original")
+    reference: Literal["roundtrip", "original"] = P("roundtrip",
+            "difference against the VAE round trip or the original")
     batch_size: int = P(8, "images per inpainting batch", ge=1)
     orphan_filter: bool = P(True, "orphan filter inside g [C]")
     postprocess: bool = P(False, "binary closing + hole filling [C, off by default]")
@@ -106,8 +110,11 @@ class SynthesisParams(Section):
     background_guidance: float = P(-2.0, "s of the pure backgrounds (< 0: away from y_f)")
     sweep_scales: list[float] = P([-2, -1, 0, 1, 2, 3, 5, 7.5], "scales of the guidance-sweep figure")
     sweep_seeds: int = P(3, "seeds (rows) of the guidance-sweep figure", ge=0)
-    fid_features: Optional[str] = P("models/toy-features", "FID feature network: a TorchScript Inception-v3 file (NVIDIA's inception-2015-12-05.pt, as clean-fid/StyleGAN use) or a project feature-net folder (toy: models/toy-features); null: no FID")
-    fid_scales: list[float] = P([1, 3, 7.5], "guidance scales s of the FID sweep (the paper's Fig. 8); the run's own s is added")
+    fid_features: Optional[str] = P("models/toy-features",
+            "FID feature network: a TorchScript Inception-v3 file (NVIDIA's inception-2015-12-05.pt, as "
+            "clean-fid/StyleGAN use) or a project feature-net folder (toy: models/toy-features); null: no FID")
+    fid_scales: list[float] = P([1, 3, 7.5],
+            "guidance scales s of the FID sweep (the paper's Fig. 8); the run's own s is added")
     fid_images: int = P(32, "generated images per scale of the FID sweep (the run's own s: the first of D')", ge=2)
     disk_budget_gb: float = P(50.0, "refuse n_images whose outputs could exceed this (raw upper bound; CUB: ~24 GB)")
 
@@ -117,22 +124,39 @@ class SegmentationParams(SegSettings, Section):
     rows: list[SegRow] = P(list(SEG_ROWS), "U-Net rows of Table 2 to train")
     protocol: Literal["full", "center_crop"] = P("full", "full (original size) or center_crop (the official crop)")
     detector_area: float = P(0.01, "object-free check: supervised U-Net area below this")
-    synthetic_filter_iou: float = P(0.0, "keep a D'_s pair only if its mask reaches this IoU with U-Net(D_s)'s prediction on the synthetic image (0: keep all) [ours, label-free]", ge=0, le=1)
-    supervised_step_factor: float = P(1.0, "the supervised row (ground-truth labels, the upper bound) trains this many times `steps` [ours]", gt=0, le=100)
-    steps_for_images: Optional[int] = P(None, "`steps` is the budget for this many training images: a training split of n images trains max(round(steps · n / this), min(steps, min_steps)) steps per network, every row alike (D ∪ D′ too, as the paper trains each row equally long), so a smaller or larger dataset gets the same passes over D (null: `steps` for any n) [ours]", ge=1)
-    min_steps: int = P(60, "with `steps_for_images`, a smaller dataset still trains at least this many steps (never more than `steps`): a network from scratch needs about 60 to leave its all-background start [val, 32 images]", ge=1)
-    supervised_ensemble: Optional[int] = P(None, "networks in the supervised row's ensemble; null: `ensemble` [ours]", ge=1, le=64)
-    workers: Union[int, Literal["auto"]] = P("auto", "U-Nets trained at once, each in a single-thread process (auto: 2 on a CPU, 0 on a GPU; 0: one after another in this process)")
+    synthetic_filter_iou: float = P(0.0,
+            "keep a D'_s pair only if its mask reaches this IoU with U-Net(D_s)'s prediction on the "
+            "synthetic image (0: keep all) [ours, label-free]", ge=0, le=1)
+    supervised_step_factor: float = P(1.0,
+            "the supervised row (ground-truth labels, the upper bound) trains this many times `steps` "
+            "[ours]", gt=0, le=100)
+    steps_for_images: Optional[int] = P(None,
+            "`steps` is the budget for this many training images: a training split of n images trains "
+            "max(round(steps · n / this), min(steps, min_steps)) steps per network, every row alike (D ∪ D′ "
+            "too, as the paper trains each row equally long), so a smaller or larger dataset gets the same "
+            "passes over D (null: `steps` for any n) [ours]", ge=1)
+    min_steps: int = P(60,
+            "with `steps_for_images`, a smaller dataset still trains at least this many steps (never more than "
+            "`steps`): a network from scratch needs about 60 to leave its all-background start [val, 32 images]", ge=1)
+    supervised_ensemble: Optional[int] = P(None,
+            "networks in the supervised row's ensemble; null: `ensemble` [ours]", ge=1, le=64)
+    workers: Union[int, Literal["auto"]] = P("auto",
+            "U-Nets trained at once, each in a single-thread process (auto: 2 on a CPU, 0 on a GPU; 0: one after "
+            "another in this process)")
 
 
 class EvaluationParams(Section):
     split: Split = P("test", "split the metrics are reported on")
-    ground_truth_kind: Literal["masks", "boxes"] = P("masks", "masks, or boxes (masks/ hold box images: box IoU vs them)")
+    ground_truth_kind: Literal["masks", "boxes"] = P("masks",
+            "masks, or boxes (masks/ hold box images: box IoU vs them)")
     auc_bins: int = P(10000, "bins of the streaming AUC-ROC", ge=2)
     figure_images: int = P(8, "images in figure grids", ge=0)
     grabcut: bool = P(True, "score Table 1's GrabCut baseline (cv2.grabCut from a centred rectangle) as row `grabcut`")
-    grabcut_margin: float = P(0.02, "GrabCut: border outside the start rectangle, a fraction of each side (>= 1 px) [val: 0.02 best of 0.02-0.2 (IoU 0.579 vs 0.464 at 0.05); the baselines' papers give none]", ge=0, lt=0.5)
-    grabcut_iterations: int = P(5, "GrabCut iterations [val: 3, 5 and 10 tie (1 is lower); 5 as in OpenCV's tutorial]", ge=1)
+    grabcut_margin: float = P(0.02,
+            "GrabCut: border outside the start rectangle, a fraction of each side (>= 1 px) [val: 0.02 "
+            "best of 0.02-0.2 (IoU 0.579 vs 0.464 at 0.05); the baselines' papers give none]", ge=0, lt=0.5)
+    grabcut_iterations: int = P(5,
+            "GrabCut iterations [val: 3, 5 and 10 tie (1 is lower); 5 as in OpenCV's tutorial]", ge=1)
 
 
 class AblationParams(Section):
@@ -149,7 +173,8 @@ class Config(Section):
     background_prompt: str = P("a photo of a background", "y_b")
     T0: int = P(40, "number of lowest DDIM noise levels averaged in stage 01 (1..50)")
     device: Literal["auto", "cpu", "cuda"] = P("auto", "auto, cpu or cuda")
-    dtype: Literal["float32", "float16", "bfloat16"] = P("float32", "float32, float16 or bfloat16 (UNet and VAE weights)")
+    dtype: Literal["float32", "float16", "bfloat16"] = P("float32",
+            "float32, float16 or bfloat16 (UNet and VAE weights)")
     model: ModelParams = Field(default_factory=ModelParams, description="the pretrained model m")
     dataset: DatasetParams = Field(default_factory=DatasetParams, description="the images")
     attention: AttentionParams = Field(default_factory=AttentionParams, description="stage 01")

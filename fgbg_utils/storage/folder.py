@@ -49,7 +49,8 @@ def _portable(value):
 # Parameters added after run folders existed, left out of the fingerprints while at their default
 # (the behaviour before they existed), so those folders resume: {section: {name: default}}.
 LATE_DEFAULTS = {"attention": {"layers": None, "aggregation": "cross", "concepts": ["background"]},
-                 "model": {"max_sequence_length": None}}
+                 "model": {"max_sequence_length": None},
+                 "segmentation": {"steps_for_images": None, "min_steps": 60}}
 
 
 def _without_late_defaults(key: str, value):

@@ -172,7 +172,8 @@ def _row_masks(cfg, image_id: str) -> dict:
     from fgbg_utils.stages import evaluation as se
 
     frame = se.frames_of(cfg, [image_id])[image_id]
-    out = {"M_pre": se.mpre_original(cfg, image_id, frame), "M_crop": se.stage04_original(cfg, image_id, frame, "m_crop"),
+    out = {"M_pre": se.mpre_original(cfg, image_id, frame),
+           "M_crop": se.stage04_original(cfg, image_id, frame, "m_crop"),
            "M": se.stage04_original(cfg, image_id, frame, "refined")}
     pred_root = Path(cfg.run_dir) / "06_evaluation" / "predictions"
     for row in se.ROWS:
