@@ -82,7 +82,14 @@ def test_ablation_paints_with_the_pretrained_m(run):
 
     cfg, _, s04 = run
     assert 0 <= s04["refined_with_m"]["iou"] <= 1 and "painted by the pretrained m" in s04["refined_with_m_note"]
-    records = processed_records(cfg)[:2]
+    scored = [r for r in processed_records(cfg) if r.split == cfg.evaluation.split]
+    unscored = [r for r in processed_records(cfg) if r.split != cfg.evaluation.split]
+    assert scored and unscored
+    # painted only where it is scored: the training images' M never needs m
+    for r in unscored:
+        assert not stage_refinement.out_path(cfg, "refined_with_m", r.id).exists()
+        assert stage_refinement.out_path(cfg, "refined", r.id).exists()
+    records = scored[:2]
     ids = [r.id for r in records]
     pipe = load_pipeline(cfg, finetuned=True)
     images = [load_image(r.image, max_side=pipe.resolution) for r in records]

@@ -160,7 +160,8 @@ class EvaluationParams(Section):
 
 
 class AblationParams(Section):
-    refine_with_m: bool = P(True, "stage 04 also refines with the pretrained m (does M need the fine-tuned m'?)")
+    refine_with_m: bool = P(True, "stage 04 also refines the evaluation split with the pretrained m (does M need the "
+                                 "fine-tuned m'?)")
 
 
 class Config(Section):

@@ -2,7 +2,8 @@
 x̂ = m'(z̃₀, y_b) with M_pre repainted, d = mean_RGB |x_ref − x̂|, M = M_pre,up ∧ GMM(d).
 The M_crop baseline replaces m' by the largest background strip mirrored over the object. With
 `ablation.refine_with_m`, the same refinement with the pretrained m instead of m' (`refined_with_m/`,
-`background_with_m/`) measures what the concept-distillation fine-tuning is worth."""
+`background_with_m/`, for the evaluation split's images only: where it is scored) measures what the
+concept-distillation fine-tuning is worth."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,8 +51,10 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     for group in mine:
         images = [load_image(records[i].image, max_side=pipe.resolution) for i in group]
         m_pre = [load_mpre(cfg, i) for i in group]
-        if cfg.ablation.refine_with_m:
-            save_with_m(cfg, refine_images(cfg, pipe, images, group, m_pre, model="pretrained"))
+        scored = [k for k, i in enumerate(group) if records[i].split == cfg.evaluation.split]
+        if cfg.ablation.refine_with_m and scored:  # only where it is scored (evaluation split)
+            pick = lambda xs: [xs[k] for k in scored]  # noqa: E731
+            save_with_m(cfg, refine_images(cfg, pipe, pick(images), pick(group), pick(m_pre), model="pretrained"))
         save_refinement(cfg, refine_images(cfg, pipe, images, group, m_pre))
         bar.update(len(group))
     bar.close()
