@@ -103,3 +103,20 @@ def test_ablation_paints_with_the_pretrained_m(run):
         saved = np.asarray(Image.open(stage_refinement.out_path(cfg, "background_with_m", i)))
         assert np.array_equal(saved, (with_m.backgrounds[k] * 255).round().astype(np.uint8))
         assert np.array_equal(stage_refinement.load_refined(cfg, i, "refined_with_m"), with_m.masks[k])
+
+
+def test_the_ablation_split_counts_for_stage_04_once_changed(run):
+    """evaluation.split (the images the m ablation paints) joined stage 04's parameters later: at its
+    default it stays out of stage 04's fingerprint, so older run folders resume; another split refuses
+    stage 04's outputs (they lack that split's ablation); stage 06 always counted it."""
+    from fgbg_utils.storage import StageError
+    from fgbg_utils.storage.folder import refuse_other_params, stage_params
+
+    cfg = run[0]
+    assert cfg.evaluation.split == "test" and "evaluation.split" not in stage_params(cfg, "04")
+    assert stage_params(cfg, "06")["evaluation.split"] == "test"
+    other = cfg.model_copy(deep=True)
+    other.evaluation.split = "train"
+    assert stage_params(other, "04")["evaluation.split"] == "train"
+    with pytest.raises(StageError, match="evaluation.split"):
+        refuse_other_params(other, "04")

@@ -43,7 +43,7 @@ STAGES: dict[str, Stage] = {s.number: s for s in (
     Stage("03", "03_finetuning", "concept-distillation fine-tuning m'", "finetuning", ("02",),
           ("finetune", "background_prompt")),
     Stage("04", "04_refinement", "refined masks M", "refinement", ("02", "03"),
-          ("refinement", "ablation.refine_with_m")),
+          ("refinement", "ablation.refine_with_m", "evaluation.split")),  # the m ablation's images
     # 05 runs the refinement on D' in memory: it needs m' and the refinement settings, not 04's outputs
     Stage("05", "05_synthesis", "synthetic set D'_s", "synthesis", ("03",), ("synthesis", "refinement")),
     Stage("06", "06_evaluation", "evaluation (Table 2)", "evaluation", ("02", "04", "05"),

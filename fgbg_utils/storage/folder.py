@@ -60,11 +60,22 @@ def _without_late_defaults(key: str, value):
     return {k: v for k, v in value.items() if not (k in late and v == late[k])}
 
 
+# Keys added to one stage's parameters later, left out of it while at this value: {(stage, key): value}.
+# Stage 04 paints the m ablation only on the evaluation split since 369920c (before: every image).
+LATE_STAGE_KEYS = {("04", "evaluation.split"): "test"}
+_UNSET = object()
+
+
 def stage_params(cfg, number: str, inputs: tuple[str, ...] | None = None) -> dict:
     """The parameters a stage's outputs depend on: its own and every upstream stage's."""
-    chain = _chain(number, inputs)
-    return {key: _portable(_without_late_defaults(key, _get(cfg, key)))
-            for n in chain for key in STAGES[n].params}
+    out: dict = {}
+    for n in _chain(number, inputs):
+        for key in STAGES[n].params:
+            value = _get(cfg, key)
+            if key not in out and LATE_STAGE_KEYS.get((n, key), _UNSET) == value:
+                continue  # a later stage of the chain that always had the key still counts it
+            out[key] = _portable(_without_late_defaults(key, value))
+    return out
 
 
 def _chain(number: str, inputs: tuple[str, ...] | None = None) -> list[str]:
