@@ -10,7 +10,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # and a long file started last would run alone at the end (longest-processing-time-first order).
 LONGEST_FIRST = ("test_end_to_end.py", "test_unlabelled.py", "test_runs.py", "test_run_folder.py",
                  "test_guidance_sweep.py", "test_scaleout.py", "test_schedule.py",
-                 "test_families_stages.py", "test_reliability_kill.py", "test_study.py")
+                 "test_families_stages.py", "test_reliability_kill.py", "test_study.py",
+                 "test_evidence_off.py")
 
 
 def pytest_collection_modifyitems(items):

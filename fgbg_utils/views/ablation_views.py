@@ -16,8 +16,14 @@ def _png(path) -> np.ndarray:
 
 
 def ablation_figure(cfg, n: int = 4):
-    """Rows of test images: image, M_pre, x̂ by m', M by m', x̂ by m, M by m."""
+    """Rows of test images: image, M_pre, x̂ by m', M by m', x̂ by m, M by m; None, said, when the
+    run did not refine with m (ablation.refine_with_m: false)."""
     import matplotlib.pyplot as plt
+
+    from fgbg_utils.views.gallery import not_computed
+
+    if not cfg.ablation.refine_with_m:
+        return not_computed("the backgrounds and masks painted by m", "ablation.refine_with_m: false")
 
     records = [r for r in processed_records(cfg) if r.split == cfg.evaluation.split][:n]
     titles = ("image", "$M_{pre}$", "$\\hat x$ by $m'$", "$M$ with $m'$", "$\\hat x$ by $m$", "$M$ with $m$")

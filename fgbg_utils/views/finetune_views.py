@@ -41,7 +41,10 @@ def rectangle_examples(cfg, n: int = 6):
 
 
 def sample_grid(cfg, n: int = 8):
-    """Rows: m and m' with y_f, with y_b, and with y_b contrasted against y_f (same seeds)."""
+    """Rows: m and m' with y_f, with y_b, and with y_b contrasted against y_f (same seeds); None,
+    said, when the run sampled none (finetune.eval_samples: 0)."""
+    if cfg.finetune.eval_samples == 0:
+        return gallery.not_computed("the samples of m and m'", "finetune.eval_samples: 0")
     path = Path(cfg.run_dir) / "03_finetuning" / "samples.npz"
     names = {"base_y_f": "m, y_f", "tuned_y_f": "m', y_f", "base_y_b": "m, y_b", "tuned_y_b": "m', y_b",
              "base_y_b_vs_y_f": "m, y_b−y_f", "tuned_y_b_vs_y_f": "m', y_b−y_f"}

@@ -19,6 +19,11 @@ def no_ground_truth(what: str) -> None:
     print(f"{NO_GROUND_TRUTH}{what}")
 
 
+def not_computed(what: str, setting: str) -> None:
+    """Say, instead of failing, that this run switched a figure's computation off; returns None."""
+    print(f"not computed in this run ({setting}): {what}")
+
+
 def ground_truth_ids(cfg, records: dict | None = None, split: str | None = None) -> list[str]:
     """Ids of the stage-01 images (of `split`) that have a ground-truth mask."""
     records = records or records_by_id(cfg)
