@@ -130,7 +130,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_of_a_shifted_set_is_not():
 def test_stage_05_reports_fid_per_scale_and_the_floor(tmp_path):
     from fgbg_utils.stages import attention_maps, binarization, finetuning, synthesis
 
-    cfg = load_params(TOY, {**TINY, "dataset.n_train": 4}, run_dir=str(tmp_path / "run"))
+    cfg = load_params(TOY, {**TINY, "dataset.n_train": 4, "synthesis.n_images": 4}, run_dir=str(tmp_path / "run"))
     for stage in (attention_maps, binarization, finetuning):
         stage.run(cfg, progress=False)
     s05 = synthesis.run(cfg, progress=False)
@@ -177,3 +177,21 @@ def test_feature_net_training_is_reproducible_and_the_cli_runs_it(tmp_path, monk
     monkeypatch.setattr(feature_net, "train_feature_net", lambda out, recipe: seen.update(out=out, recipe=recipe))
     assert cli.main(["train-toy", "--model", "features"]) == 0
     assert seen == {"out": "models/toy-features", "recipe": {"threads": 1}}
+
+
+def test_the_own_scale_samples_its_own_images_when_d_prime_has_too_few(tmp_path):
+    """synthesis.n_images below fid_images (0 here): the run's own s is sampled like every other s."""
+    from fgbg_utils.stages import attention_maps, binarization, finetuning, synthesis
+
+    cfg = load_params(TOY, {**TINY, "synthesis.n_images": 0, "synthesis.fid_scales": [3],
+                            "segmentation.rows": ["unet_D_s"]}, run_dir=str(tmp_path / "run"))
+    for stage in (attention_maps, binarization, finetuning):
+        stage.run(cfg, progress=False)
+    s05 = synthesis.run(cfg, progress=False)
+    own = f"{cfg.synthesis.guidance:g}"
+    root = Path(cfg.run_dir) / "05_synthesis" / "fid"
+    assert s05["n_images"] == 0 and set(s05["fid"]) == {"3", own}
+    assert sorted(f.name for f in root.iterdir()) == sorted(["s_3", f"s_{own}"])
+    assert len(list((root / f"s_{own}").glob("*.png"))) == cfg.synthesis.fid_images
+    assert s05["fid_protocol"]["own_scale_images"].startswith(f"fid/s_{own}/")
+    assert all(np.isfinite(v) for v in s05["fid"].values())

@@ -88,3 +88,13 @@ def test_a_bare_yaml_no_is_the_mixed_precision_no():
     assert load_params(TOY, ["segmentation.mixed_precision=bf16"]).segmentation.mixed_precision == "bf16"
     with pytest.raises(ParamsError, match="segmentation.mixed_precision"):
         load_params(TOY, ["segmentation.mixed_precision=yes"])
+
+
+def test_no_synthetic_images_with_the_synthetic_row_is_refused_naming_the_fix():
+    from fgbg_utils.runs.params import PROJECT_ROOT
+    TOY = PROJECT_ROOT / "params" / "toy.yaml"
+    with pytest.raises(ParamsError, match=r"synthesis.n_images.*unet_D_s_plus_synth.*"
+                                          r"segmentation.rows=\[unet_M_pre,unet_D_s,supervised\]"):
+        load_params(TOY, ["synthesis.n_images=0"])
+    rows = load_params(TOY, ["synthesis.n_images=0", "segmentation.rows=[unet_D_s]"]).segmentation.rows
+    assert rows == ["unet_D_s"]

@@ -297,6 +297,12 @@ def _check_work(cfg: Config, source: str) -> None:
     if steps is not None and steps < 1:
         raise ParamsError(f"{source}: `finetune.max_train_steps` is {steps}; stage 03 needs a "
                           f"positive number of optimizer steps (params/toy.yaml uses 1500).")
+    if cfg.synthesis.n_images == 0 and "unet_D_s_plus_synth" in cfg.segmentation.rows:
+        rows = [r for r in cfg.segmentation.rows if r != "unet_D_s_plus_synth"]
+        raise ParamsError(f"{source}: `synthesis.n_images` is 0, so there is no D' for the row "
+                          f"unet_D_s_plus_synth of `segmentation.rows`; drop that row (--set "
+                          f"'segmentation.rows=[{','.join(rows)}]') or synthesize images (null: as "
+                          f"many as the training split).")
 
 
 def resolved_prompt(cfg: Config, prompt: str | None = None) -> str:

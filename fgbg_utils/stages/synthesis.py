@@ -9,8 +9,8 @@
 4. Pure backgrounds with y_b (`pure_backgrounds/`) and the guidance sweep of Fig. 8.
 5. FID of D' against the real training images (Table 3, Fig. 8): `synthesis.fid_images` samples
    at each s of `synthesis.fid_scales` (`fid/s_<s>/`, the same seeds at every s; the run's own s
-   uses the first images of D'), and the floor between two halves of the real images
-   (core/fid.py; the feature network is `synthesis.fid_features`).
+   uses the first images of D', or its own `fid/s_<s>/` when D' has fewer), and the floor between
+   two halves of the real images (core/fid.py; the feature network is `synthesis.fid_features`).
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def run(cfg, force: bool = False, progress: bool = True, pipe=None) -> dict:
     shards.wait()
     degenerate = _masks_of_synthetic(cfg, pipe, ids, progress, shards)
     t_fid = time.time()
-    for s, folder in fid_folders(cfg).items():
+    for s, folder in fid_folders(cfg, n).items():
         _sample_missing(cfg, pipe.tuned, folder, fid_ids(cfg), y_f, y_b, s, "05-fid", progress,
                         f"05 FID s={s:g}", shards)
     shards.wait()
@@ -230,12 +230,12 @@ def fid_scales(cfg) -> list[float]:
     return sorted({float(v) for v in cfg.synthesis.fid_scales} | {float(cfg.synthesis.guidance)})
 
 
-def fid_folders(cfg) -> dict[float, Path]:
-    """{s: folder of its FID samples} for the scales that need sampling (not the run's own s,
-    whose images are D' itself); empty when the FID is off."""
+def fid_folders(cfg, n_dprime: int) -> dict[float, Path]:
+    """{s: folder of its FID samples} for the scales that need sampling: not the run's own s when
+    D' (n_dprime images) has the fid_images it needs; empty when the FID is off."""
     if cfg.synthesis.fid_features is None:
         return {}
-    own = float(cfg.synthesis.guidance)
+    own = float(cfg.synthesis.guidance) if n_dprime >= cfg.synthesis.fid_images else None
     return {s: stage_root(cfg) / "fid" / f"s_{s:g}" for s in fid_scales(cfg) if s != own}
 
 
@@ -252,12 +252,14 @@ def fid_metrics(cfg, ids, resolution: int) -> dict:
     real_records = [r for r in processed_records(cfg) if r.split == "train"]
     real = [load_image(r.image) for r in real_records]
     n, own = cfg.synthesis.fid_images, float(cfg.synthesis.guidance)
-    folders = fid_folders(cfg)
+    folders = fid_folders(cfg, len(ids))
     fid = {}
     for s in fid_scales(cfg):
-        files = ([stage_root(cfg) / "dataset" / "images" / f"{i}.png" for i in ids[:n]] if s == own
-                 else [folders[s] / f"{i}.png" for i in fid_ids(cfg)])
+        files = ([folders[s] / f"{i}.png" for i in fid_ids(cfg)] if s in folders
+                 else [stage_root(cfg) / "dataset" / "images" / f"{i}.png" for i in ids[:n]])
         fid[f"{s:g}"] = round(frechet_distance(real, LazySequence(files, load_image), features, resolution), 4)
+    own_images = (f"fid/s_{own:g}/: D' has {len(ids)} images, fewer than fid_images" if own in folders
+                  else f"the first {n} images of D'")
     half = len(real) // 2
     floor = frechet_distance(real[:half], real[half:2 * half], features, resolution) if half >= 2 else None
     return {"fid": fid, "fid_floor": None if floor is None else round(floor, 4),
@@ -265,7 +267,7 @@ def fid_metrics(cfg, ids, resolution: int) -> dict:
                 "features": relative_to_project(str(cfg.synthesis.fid_features)),
                 "feature_dim": int(features.num_features), "size": resolution,
                 "n_real": len(real), "n_generated_per_scale": n,
-                "own_scale": own, "own_scale_images": f"the first {min(n, len(ids))} images of D'",
+                "own_scale": own, "own_scale_images": own_images,
                 "other_scales_images": "fid/s_<s>/: seeds of stream 05-fid, the same at every s",
                 "floor": f"real training images {half} vs {half} (first half vs second half)",
                 "resize": "short side to the synthesis resolution (bicubic), centre crop",
