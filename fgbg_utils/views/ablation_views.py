@@ -8,6 +8,7 @@ from fgbg_utils.data.datasets import load_image
 from fgbg_utils.stages.binarization import load_mpre
 from fgbg_utils.stages.common import processed_records
 from fgbg_utils.stages.refinement import load_refined, out_path
+from fgbg_utils.views.gallery import not_computed
 
 
 def _png(path) -> np.ndarray:
@@ -19,8 +20,6 @@ def ablation_figure(cfg, n: int = 4):
     """Rows of test images: image, M_pre, x̂ by m', M by m', x̂ by m, M by m; None, said, when the
     run did not refine with m (ablation.refine_with_m: false)."""
     import matplotlib.pyplot as plt
-
-    from fgbg_utils.views.gallery import not_computed
 
     if not cfg.ablation.refine_with_m:
         return not_computed("the backgrounds and masks painted by m", "ablation.refine_with_m: false")

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from fgbg_utils.io import read_json
+from fgbg_utils.views.gallery import not_computed
 from fgbg_utils.views.walkthrough import show_mask
 
 
@@ -35,7 +36,6 @@ def guidance_sweep(cfg):
     """The paper's Fig. 8: one row per seed, s from background (left) to strong objects (right);
     None, said, when the run drew no sweep (synthesis.sweep_seeds: 0 or no sweep_scales)."""
     if not cfg.synthesis.sweep_seeds or not cfg.synthesis.sweep_scales:
-        from fgbg_utils.views.gallery import not_computed
         return not_computed("the guidance sweep", "synthesis.sweep_seeds: 0 or synthesis.sweep_scales: []")
     with np.load(Path(cfg.run_dir) / "05_synthesis" / "guidance_sweep.npz") as z:
         images, scales = z["images"], z["scales"]
@@ -75,7 +75,6 @@ def pure_backgrounds(cfg, n: int = 8):
     """The object-free scenes sampled with y_b (the paper's "backgrounds only"); None, said, when
     the run sampled none (synthesis.background_images: 0)."""
     if cfg.synthesis.background_images == 0:
-        from fgbg_utils.views.gallery import not_computed
         return not_computed("the pure backgrounds", "synthesis.background_images: 0")
     folder = Path(cfg.run_dir) / "05_synthesis" / "pure_backgrounds"
     files = sorted(folder.glob("*.png"))[:n]
