@@ -26,11 +26,13 @@ SMALL = {"dataset.n_train": 32, "dataset.n_test": 24, "attention.sweep": False,
 # training: float32 in single-thread processes on one kind of CPU. The CPU's vector instructions
 # change float32 kernels' rounding, so the U-Net rows are kept per instruction set
 # (torch.backends.cpu.get_cpu_capability()); the direct rows are the same on every CPU measured.
-# On an instruction set not measured yet (AVX512 was, at base width 16: 0.544 / 0.773 / 0.679 /
-# 0.802) the rows are checked against a wide range and by the orderings below.
+# On an instruction set not measured yet the rows are checked against a wide range and by the
+# orderings below.
 EXPECTED = {"auc_roc": 0.992, "M_pre": 0.705, "M_crop": 0.770, "M": 0.848}
 UNET_EXPECTED = {
     "AVX2": {"unet_M_pre": 0.530, "unet_D_s": 0.693, "unet_D_s_plus_synth": 0.750, "supervised": 0.736},
+    # a 2-core AMD EPYC with AVX512-BF16 (float32 here too: mixed_precision "no")
+    "AVX512": {"unet_M_pre": 0.580, "unet_D_s": 0.738, "unet_D_s_plus_synth": 0.729, "supervised": 0.733},
 }
 UNET_RANGE = (0.4, 0.95)  # an instruction set without measured rows
 DIRECT, UNET = 0.01, 0.05  # U-Nets train in single-thread processes: the same bits on any CPU count
@@ -77,4 +79,7 @@ def test_table2_orderings_that_hold_at_this_size(run):
     assert iou["M_pre"] + 0.1 < iou["M"]               # refinement by inpainting helps
     assert iou["M_pre"] < iou["M_crop"] < iou["M"]      # and beats the simple-inpainting baseline
     assert iou["unet_M_pre"] + 0.1 < iou["unet_D_s"]   # refined masks train a better U-Net
-    assert iou["unet_D_s"] < iou["supervised"]
+    # ground truth trains a better U-Net than M_pre does. Not U-Net(D_s) < supervised: with one
+    # 150-step network here (no supervised_step_factor) it is a coin toss, 0.693 < 0.736 on AVX2
+    # but 0.738 > 0.733 on AVX512; the rows above pin supervised on both
+    assert iou["unet_M_pre"] + 0.1 < iou["supervised"]
